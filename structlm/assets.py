@@ -163,6 +163,16 @@ def verify(name: str) -> None:
         )
 
 
+def write_atomic(path: Path, payload: bytes) -> None:
+    """Write a file so that readers see either nothing or the whole of it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(payload)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _check_free_space(folder: Path, need_bytes: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < need_bytes:

@@ -190,6 +190,16 @@ def load_config(name: str = DEFAULT_MODEL):
     return config
 
 
+def weights_location(name: str) -> Path | None:
+    """The folder or file the weights of MODEL were read from (for its size on disk)."""
+    kind, info = resolve(name)
+    if kind == "alias":
+        return _converted_dir(info["alias"])
+    if kind == "gguf":
+        return Path(info["dir"]) / info["file"]
+    return Path(info["dir"]) if kind == "folder" else None
+
+
 def count_parameters(model) -> int:
     """Parameters counted once each (tied embeddings count once)."""
     seen, total = set(), 0
