@@ -92,7 +92,8 @@ def load_documents(source: str = BUILTIN, split: str = "calibration", text_field
             raise DataError(f"{source!r} is a folder but not a dataset saved with datasets.save_to_disk "
                             f"({e}); pass a .txt/.jsonl file, a saved dataset folder or {BUILTIN!r}") from e
         return _dataset_texts(ds, split, text_field, source)
-    if "/" in source or source.isidentifier():
+    looks_local = source.startswith((".", "/", "~")) or path.suffix in (".txt", ".jsonl", ".json")
+    if not looks_local:
         return _hub_documents(source, split, text_field)
     raise DataError(f"text source {source!r} not found: use {BUILTIN!r}, a .txt/.jsonl file, "
                     f"a folder saved with datasets.save_to_disk, or a datasets hub name")
