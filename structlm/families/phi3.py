@@ -1,0 +1,31 @@
+"""Phi-3: fused qkv_proj ([q; k; v] rows) and gate_up_proj ([gate; up] rows), RMSNorm, RoPE."""
+
+from . import register
+from .base import FamilyAdapter, Proj
+
+
+@register
+class Phi3Adapter(FamilyAdapter):
+    family = "phi3"
+    model_types = ("phi3",)
+    notes = ("qkv_proj rows are [q (heads*head_dim); k (kv*head_dim); v (kv*head_dim)]; gate_up_proj "
+             "rows are [gate (intermediate); up (intermediate)].", "Head dims are not pruned (RoPE).")
+
+    def _qkv(self, i, offset, size):
+        base = f"{self.attn(i)}.qkv_proj"
+        return Proj(f"{base}.weight", self.opt(f"{base}.bias"), offset=offset, size=size)
+
+    def q(self, i):
+        return self._qkv(i, 0, self.n_heads * self.head_dim)
+
+    def k(self, i):
+        return self._qkv(i, self.n_heads * self.head_dim, self.n_kv * self.head_dim)
+
+    def v(self, i):
+        return self._qkv(i, (self.n_heads + self.n_kv) * self.head_dim, self.n_kv * self.head_dim)
+
+    def ffn_in(self, i):
+        base = f"{self.mlp(i)}.gate_up_proj"
+        bias = self.opt(f"{base}.bias")
+        return [Proj(f"{base}.weight", bias, offset=0, size=self.intermediate),
+                Proj(f"{base}.weight", bias, offset=self.intermediate, size=self.intermediate)]
