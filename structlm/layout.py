@@ -1,0 +1,106 @@
+"""Per-layer shapes that a stock config cannot express, applied to a stock model.
+
+A *layout* is plain JSON saved as ``config.structlm`` in heterogeneous checkpoints:
+
+* ``param_shapes``: parameter name -> shape, for every parameter whose shape differs from what
+  the stock class builds from the config;
+* ``module_attrs``: module name -> {attribute: value} (e.g. ``num_key_value_groups`` of an
+  attention module with fewer heads); the key ``config`` holds fields of a per-module config copy;
+* ``placeholders``: module name -> ``"attention"`` | ``"zero"`` | ``"identity"`` for removed
+  sublayers: an attention that contributes nothing, a module whose output is zeros, a norm
+  that is no longer needed.
+
+This file is self-contained (torch and transformers only): its source is copied into every
+heterogeneous checkpoint as the remote code, so such checkpoints load with
+``trust_remote_code=True`` where structlm is not installed.
+"""
+
+import copy
+
+import torch
+from torch import nn
+
+
+class RemovedAttention(nn.Module):
+    """An attention sublayer that was pruned away: it adds nothing to the residual stream.
+
+    It still advances the KV cache by zero-width keys/values, because transformers reads the
+    sequence length seen so far from the cache of layer 0."""
+
+    def __init__(self, layer_idx=None):
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states=None, *args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values", kwargs.get("layer_past")))
+        if cache is not None and hasattr(cache, "update") and self.layer_idx is not None:
+            batch, seq = hidden_states.shape[0], hidden_states.shape[-2]
+            empty = hidden_states.new_zeros(batch, 0, seq, 0)
+            cache.update(empty, empty, self.layer_idx)
+        return torch.zeros_like(hidden_states), None
+
+
+class Zero(nn.Module):
+    """A pruned-away FFN (or its output projection): outputs zeros shaped like its input."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return torch.zeros_like(hidden_states)
+
+
+PLACEHOLDERS = {"attention": RemovedAttention, "zero": Zero, "identity": nn.Identity}
+
+
+def _set_module(model, name, module):
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _resize_param(model, name, shape):
+    module_name, _, pname = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = getattr(module, pname)
+    if tuple(old.shape) == tuple(shape):
+        return
+    module._parameters[pname] = nn.Parameter(torch.empty(shape, dtype=old.dtype, device=old.device),
+                                             requires_grad=old.requires_grad)
+    sync_module_sizes(module)
+
+
+def sync_module_sizes(module):
+    """Make size attributes of a Linear / Conv1D / Embedding / LayerNorm agree with its weight."""
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        return
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = weight.shape
+    elif isinstance(module, nn.Embedding):
+        module.num_embeddings, module.embedding_dim = weight.shape
+    elif isinstance(module, nn.LayerNorm):
+        module.normalized_shape = tuple(weight.shape)
+    elif type(module).__name__ == "Conv1D":  # transformers' GPT-2 Conv1D: weight [in, out]
+        module.nx, module.nf = weight.shape
+
+
+def apply_layout(model, layout):
+    """Reshape a stock model in place to ``layout`` (placeholders, parameter shapes, attributes)."""
+    if not layout:
+        return model
+    for name, kind in layout.get("placeholders", {}).items():
+        old = model.get_submodule(name)
+        if kind == "attention":
+            _set_module(model, name, RemovedAttention(getattr(old, "layer_idx", None)))
+        else:
+            _set_module(model, name, PLACEHOLDERS[kind]())
+    for name, shape in layout.get("param_shapes", {}).items():
+        _resize_param(model, name, shape)
+    for name, attrs in layout.get("module_attrs", {}).items():
+        module = model.get_submodule(name)
+        for attr, value in attrs.items():
+            if attr == "config":
+                module.config = copy.copy(module.config)
+                for key, val in value.items():
+                    setattr(module.config, key, val)
+            else:
+                setattr(module, attr, value)
+    return model

@@ -1,0 +1,299 @@
+"""A prune plan: what to keep and what to remove, in the graph's units, as plain JSON data.
+
+Methods produce plans; :mod:`structlm.surgery` applies them (``mask`` zeroes the units in the
+unshrunk model, ``shrink`` removes them physically).  A plan is validated against the graph and
+can report the resulting shapes, parameter count and FLOPs before anything is touched.
+
+JSON form::
+
+    {"format": "structlm-plan/1", "family": "llama",
+     "layers": {"3": {"kv_groups": [0, 2], "ffn_channels": [0, 5, ...]},
+                "7": {"attention": false}},
+     "removed_blocks": [12, 13], "hidden_channels": null, "align": 8, "meta": {...}}
+
+Per layer (every key optional; absent means "keep all"): ``kv_groups`` kept KV groups,
+``query_heads`` kept query heads (layer-global head indices; under GQA every kept KV group
+must keep the same number of its heads), ``ffn_channels`` kept FFN channels, ``attention`` /
+``ffn`` false to remove the whole sublayer.  ``removed_blocks`` lists whole blocks removed;
+``hidden_channels`` the kept residual channels (null = all).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .graph import Graph
+
+FORMAT = "structlm-plan/1"
+
+
+class PlanError(ValueError):
+    """A plan that does not fit the model's graph."""
+
+
+@dataclass
+class LayerPlan:
+    kv_groups: list[int] | None = None
+    query_heads: list[int] | None = None
+    ffn_channels: list[int] | None = None
+    attention: bool = True
+    ffn: bool = True
+
+    def to_dict(self) -> dict:
+        d = {}
+        for key in ("kv_groups", "query_heads", "ffn_channels"):
+            if getattr(self, key) is not None:
+                d[key] = sorted(int(i) for i in getattr(self, key))
+        if not self.attention:
+            d["attention"] = False
+        if not self.ffn:
+            d["ffn"] = False
+        return d
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.to_dict()
+
+
+@dataclass
+class PrunePlan:
+    layers: dict[int, LayerPlan] = field(default_factory=dict)
+    removed_blocks: list[int] = field(default_factory=list)
+    hidden_channels: list[int] | None = None
+    family: str | None = None
+    align: int = 8
+    meta: dict = field(default_factory=dict)
+
+    def layer(self, i: int) -> LayerPlan:
+        return self.layers.get(i) or LayerPlan()
+
+    # ---- serialization ----
+    def to_dict(self) -> dict:
+        layers = {str(i): lp.to_dict() for i, lp in sorted(self.layers.items()) if not lp.is_identity}
+        return {"format": FORMAT, "family": self.family, "layers": layers,
+                "removed_blocks": sorted(int(b) for b in self.removed_blocks),
+                "hidden_channels": None if self.hidden_channels is None else sorted(int(c) for c in self.hidden_channels),
+                "align": self.align, "meta": self.meta}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PrunePlan":
+        if d.get("format", FORMAT) != FORMAT:
+            raise PlanError(f"not a {FORMAT} plan (format={d.get('format')!r})")
+        unknown = set(d) - {"format", "family", "layers", "removed_blocks", "hidden_channels", "align", "meta"}
+        if unknown:
+            raise PlanError(f"unknown plan keys {sorted(unknown)}")
+        layers = {}
+        for key, lp in (d.get("layers") or {}).items():
+            bad = set(lp) - {"kv_groups", "query_heads", "ffn_channels", "attention", "ffn"}
+            if bad:
+                raise PlanError(f"layer {key}: unknown keys {sorted(bad)} (allowed: kv_groups, query_heads, "
+                                f"ffn_channels, attention, ffn)")
+            try:
+                layers[int(key)] = LayerPlan(**lp)
+            except (TypeError, ValueError) as e:
+                raise PlanError(f"layer {key!r}: {e}") from e
+        return cls(layers=layers, removed_blocks=list(d.get("removed_blocks") or []),
+                   hidden_channels=d.get("hidden_channels"), family=d.get("family"),
+                   align=int(d.get("align", 8)), meta=dict(d.get("meta") or {}))
+
+    @classmethod
+    def load(cls, path) -> "PrunePlan":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{path} is not valid JSON: {e}") from e
+        except FileNotFoundError as e:
+            raise PlanError(f"plan file {path} not found") from e
+
+    # ---- derived numbers ----
+    def kept_heads(self, graph: Graph, i: int) -> list[int]:
+        """Kept query heads of layer ``i`` (layer-global indices)."""
+        lp = self.layer(i)
+        if not lp.attention or i in self.removed_blocks:
+            return []
+        per_group = graph.n_heads // graph.n_kv
+        groups = range(graph.n_kv) if lp.kv_groups is None else lp.kv_groups
+        in_groups = [h for g in sorted(groups) for h in range(g * per_group, (g + 1) * per_group)]
+        return in_groups if lp.query_heads is None else [h for h in in_groups if h in set(lp.query_heads)]
+
+    def kept_kv_groups(self, graph: Graph, i: int) -> list[int]:
+        lp = self.layer(i)
+        if not lp.attention or i in self.removed_blocks:
+            return []
+        return sorted(range(graph.n_kv) if lp.kv_groups is None else lp.kv_groups)
+
+    def kept_ffn(self, graph: Graph, i: int) -> list[int]:
+        lp = self.layer(i)
+        if not lp.ffn or i in self.removed_blocks:
+            return []
+        return list(range(graph.intermediate)) if lp.ffn_channels is None else sorted(lp.ffn_channels)
+
+    def kept_hidden(self, graph: Graph) -> list[int]:
+        return list(range(graph.hidden)) if self.hidden_channels is None else sorted(self.hidden_channels)
+
+    # ---- validation ----
+    def validate(self, graph: Graph) -> "PrunePlan":
+        """Raise PlanError naming the first problem; return self when the plan fits ``graph``."""
+        if self.family and self.family != graph.family:
+            raise PlanError(f"the plan is for family {self.family!r}, the model is {graph.family!r}")
+        n = graph.n_layers
+        _check_indices("removed_blocks", self.removed_blocks, n)
+        if len(set(self.removed_blocks)) == n:
+            raise PlanError("the plan removes every block; keep at least one")
+        per_group = graph.n_heads // graph.n_kv
+        for i, lp in self.layers.items():
+            where = f"layer {i}"
+            if not 0 <= i < n:
+                raise PlanError(f"{where}: the model has layers 0..{n - 1}")
+            if i in self.removed_blocks and not lp.is_identity:
+                raise PlanError(f"{where}: the block is removed, so it cannot also have a layer plan")
+            if lp.kv_groups is not None:
+                _check_indices(f"{where} kv_groups", lp.kv_groups, graph.n_kv)
+                if not lp.kv_groups and lp.attention:
+                    raise PlanError(f"{where}: no KV group kept; remove the attention sublayer instead "
+                                    f"(\"attention\": false)")
+            if lp.query_heads is not None:
+                _check_indices(f"{where} query_heads", lp.query_heads, graph.n_heads)
+                groups = set(range(graph.n_kv) if lp.kv_groups is None else lp.kv_groups)
+                stray = sorted(h for h in lp.query_heads if h // per_group not in groups)
+                if stray:
+                    raise PlanError(f"{where}: query heads {stray} belong to removed KV groups")
+                counts = {g: sum(1 for h in lp.query_heads if h // per_group == g) for g in groups}
+                if len(set(counts.values())) > 1:
+                    raise PlanError(f"{where}: kept query heads per KV group differ ({counts}); stock "
+                                    f"attention needs the same number in every kept group")
+                if lp.attention and not lp.query_heads:
+                    raise PlanError(f"{where}: no query head kept; remove the attention sublayer instead")
+            if lp.ffn_channels is not None:
+                _check_indices(f"{where} ffn_channels", lp.ffn_channels, graph.intermediate)
+                if not lp.ffn_channels and lp.ffn:
+                    raise PlanError(f"{where}: no FFN channel kept; remove the FFN sublayer instead (\"ffn\": false)")
+        if self.hidden_channels is not None:
+            _check_indices("hidden_channels", self.hidden_channels, graph.hidden)
+            if not self.hidden_channels:
+                raise PlanError("hidden_channels is empty; keep at least one residual channel")
+        if self.align < 1:
+            raise PlanError(f"align must be >= 1 (got {self.align})")
+        return self
+
+    # ---- shapes and costs ----
+    def shapes(self, graph: Graph) -> list[dict]:
+        """Per original layer: kept heads, KV heads, FFN width, sublayers (after the plan)."""
+        rows = []
+        for i in range(graph.n_layers):
+            removed = i in self.removed_blocks
+            rows.append({"layer": i, "block": not removed,
+                         "attention": not removed and self.layer(i).attention,
+                         "ffn": not removed and self.layer(i).ffn,
+                         "heads": len(self.kept_heads(graph, i)), "kv_heads": len(self.kept_kv_groups(graph, i)),
+                         "ffn_channels": len(self.kept_ffn(graph, i))})
+        return rows
+
+    def cost(self, graph: Graph) -> dict:
+        """Parameters and weight-matmul FLOPs per token after the plan (from the graph's units)."""
+        acc = graph.accounting()
+        hidden_kept = len(self.kept_hidden(graph))
+        hidden_scale = hidden_kept / graph.hidden
+        params = 0
+        flops = 0
+        dense_flops = 0
+        for i in range(graph.n_layers):
+            layer_acc = acc["layers"][i]
+            kv = graph.group("kv_group", i)
+            qh = graph.group("query_head", i)
+            ffn = graph.group("ffn_channel", i)
+            per_group = graph.n_heads // graph.n_kv
+            # a KV group's cost includes its query heads; extra removed heads inside kept groups
+            # subtract their own q/o cost
+            heads, groups = len(self.kept_heads(graph, i)), len(self.kept_kv_groups(graph, i))
+            attn_p = groups * kv.params_per_unit - (groups * per_group - heads) * qh.params_per_unit
+            attn_f = groups * kv.flops_per_token_per_unit - (groups * per_group - heads) * qh.flops_per_token_per_unit
+            ffn_p = len(self.kept_ffn(graph, i)) * ffn.params_per_unit
+            ffn_f = len(self.kept_ffn(graph, i)) * ffn.flops_per_token_per_unit
+            dense_flops += graph.n_kv * kv.flops_per_token_per_unit + graph.intermediate * ffn.flops_per_token_per_unit
+            if i in self.removed_blocks:
+                continue
+            shared_attn = sum(layer_acc["attention_shared"].values()) if self.layer(i).attention else 0
+            shared_ffn = sum(layer_acc["ffn_shared"].values()) if self.layer(i).ffn else 0
+            norms = layer_acc["norms"]
+            lp = self.layer(i)
+            norms -= 0 if lp.attention else _sublayer_norms(graph, "attention", i)
+            norms -= 0 if lp.ffn else _sublayer_norms(graph, "ffn", i)
+            params += round((attn_p + ffn_p + norms + shared_attn + shared_ffn) * hidden_scale)
+            flops += round((attn_f + ffn_f) * hidden_scale)
+        outside = acc["total"] - sum(layer["block"] for layer in acc["layers"])
+        params += round(outside * hidden_scale)
+        lm_flops = 2 * graph.vocab * graph.hidden
+        return {"params": params, "params_ratio": params / acc["total"],
+                "flops_per_token": flops + round(lm_flops * hidden_scale),
+                "flops_ratio": (flops + lm_flops * hidden_scale) / (dense_flops + lm_flops),
+                "dense_params": acc["total"]}
+
+    def summary_text(self, graph: Graph) -> str:
+        cost = self.cost(graph)
+        lines = [f"plan for {graph.family}: {cost['params']:,} of {cost['dense_params']:,} parameters kept "
+                 f"({cost['params_ratio']:.1%}), weight FLOPs/token {cost['flops_ratio']:.1%} of dense"]
+        if self.hidden_channels is not None:
+            lines.append(f"hidden channels: {len(self.hidden_channels)} of {graph.hidden}")
+        lines.append(f"{'layer':>5}  {'attention':<14}  {'ffn':<12}")
+        for row in self.shapes(graph):
+            if not row["block"]:
+                lines.append(f"{row['layer']:>5}  block removed")
+                continue
+            attn = f"{row['heads']}q/{row['kv_heads']}kv" if row["attention"] else "removed"
+            ffn = f"{row['ffn_channels']}" if row["ffn"] else "removed"
+            lines.append(f"{row['layer']:>5}  {attn:<14}  {ffn:<12}")
+        return "\n".join(lines)
+
+
+def _sublayer_norms(graph: Graph, kind: str, i: int) -> int:
+    group = graph.group(kind, i)
+    return sum(m.numel_per_unit for m in group.members if "norm" in m.param or ".ln_" in m.param)
+
+
+def _check_indices(what: str, indices, size: int) -> None:
+    bad = [i for i in indices if not isinstance(i, int) or not 0 <= i < size]
+    if bad:
+        raise PlanError(f"{what}: indices {bad[:5]} out of range 0..{size - 1}")
+    if len(set(indices)) != len(indices):
+        raise PlanError(f"{what}: an index is listed twice")
+
+
+def align_count(n: int, multiple: int, maximum: int) -> int:
+    """Round a kept width up to a multiple (toward keeping more), never above ``maximum``."""
+    if multiple <= 1 or n == 0:
+        return n
+    return min(maximum, -(-n // multiple) * multiple)
+
+
+def align_kept(kept: list[int], scores, multiple: int, size: int) -> list[int]:
+    """Add back the best-scored removed indices until ``len(kept)`` is a multiple of ``multiple``
+    (or everything is kept).  Without scores, the lowest removed indices come back."""
+    target = align_count(len(kept), multiple, size)
+    if target == len(kept):
+        return sorted(kept)
+    kept_set = set(kept)
+    removed = [i for i in range(size) if i not in kept_set]
+    if scores is not None:
+        removed.sort(key=lambda i: -float(scores[i]))
+    return sorted(kept_set | set(removed[: target - len(kept)]))
+
+
+def align_plan(plan: PrunePlan, graph: Graph, multiple: int | None = None, scores: dict | None = None) -> PrunePlan:
+    """Round every kept FFN width (and the hidden width) up to ``multiple`` (default: plan.align).
+    ``scores`` may map ("ffn_channel", layer) / ("hidden_channel", None) to per-unit scores."""
+    multiple = plan.align if multiple is None else multiple
+    scores = scores or {}
+    for i, lp in plan.layers.items():
+        if lp.ffn_channels is not None and lp.ffn:
+            lp.ffn_channels = align_kept(lp.ffn_channels, scores.get(("ffn_channel", i)), multiple, graph.intermediate)
+    if plan.hidden_channels is not None:
+        plan.hidden_channels = align_kept(plan.hidden_channels, scores.get(("hidden_channel", None)), multiple,
+                                          graph.hidden)
+    plan.align = multiple
+    return plan

@@ -1,0 +1,223 @@
+"""Apply a plan: ``mask`` zeroes the plan's units in the unshrunk model, ``shrink`` removes them
+physically (smaller tensors, removed sublayers replaced by weightless placeholders, removed
+blocks deleted, config updated).  Both give the same logits; the tests hold them to it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from .families import get_adapter
+from .graph import build_graph
+from .layout import apply_layout, sync_module_sizes
+from .plan import PlanError, PrunePlan
+
+HIDDEN_PRUNABLE_NORMS = ("rmsnorm",)
+
+
+def removed_units(plan: PrunePlan, graph):
+    """The graph units the plan removes (sublayer/block units as whole groups)."""
+    units = []
+    per_group = graph.n_heads // graph.n_kv
+    for i in range(graph.n_layers):
+        if i in plan.removed_blocks:
+            units.append(graph.group("block", i))
+            continue
+        lp = plan.layer(i)
+        if not lp.attention:
+            units.append(graph.group("attention", i))
+        else:
+            kept_groups = set(plan.kept_kv_groups(graph, i))
+            kept_heads = set(plan.kept_heads(graph, i))
+            kv = graph.group("kv_group", i)
+            units += [kv.unit(g) for g in range(graph.n_kv) if g not in kept_groups]
+            qh = graph.group("query_head", i)
+            units += [qh.unit(h) for h in range(graph.n_heads) if h // per_group in kept_groups and h not in kept_heads]
+        if not lp.ffn:
+            units.append(graph.group("ffn", i))
+        elif lp.ffn_channels is not None:
+            ffn = graph.group("ffn_channel", i)
+            kept = set(lp.ffn_channels)
+            units += [ffn.unit(c) for c in range(graph.intermediate) if c not in kept]
+    if plan.hidden_channels is not None:
+        hidden = graph.group("hidden_channel", None)
+        kept = set(plan.hidden_channels)
+        units += [hidden.unit(c) for c in range(graph.hidden) if c not in kept]
+    return units
+
+
+@torch.no_grad()
+def mask(model, plan: PrunePlan, graph=None):
+    """Zero every unit the plan removes, in place, in the unshrunk model."""
+    from .graph import mask_units
+
+    graph = graph or build_graph(model)
+    plan.validate(graph)
+    mask_units(model, removed_units(plan, graph))
+    return model
+
+
+def _check_hidden_supported(adapter, plan):
+    if plan.hidden_channels is None:
+        return
+    if adapter.norm_kind not in HIDDEN_PRUNABLE_NORMS or adapter.embed_projections() or adapter.qk_norm_modules:
+        raise PlanError(
+            f"hidden-channel pruning is exact only for plain RMSNorm families without q/k norms (llama, "
+            f"mistral, qwen2, phi3); {adapter.family} uses {adapter.norm_kind}"
+            + (" with q/k norms" if adapter.qk_norm_modules else "")
+            + ". Prune heads, FFN channels, sublayers or blocks instead.")
+
+
+def _keep_index(size: int, spans: list[tuple[int, int]]) -> torch.Tensor:
+    keep = torch.ones(size, dtype=torch.bool)
+    for start, stop in spans:
+        keep[start:stop] = False
+    return keep.nonzero().flatten()
+
+
+# ---- family facts for the attributes of a narrower attention -----------------------------
+
+def attention_attrs(adapter, heads: int, kv_heads: int) -> dict:
+    """Attributes the family's attention module reads in forward that depend on head counts."""
+    family = adapter.family
+    if family == "gpt2":
+        return {"num_heads": heads, "split_size": heads * adapter.head_dim}
+    if family == "opt":
+        return {"num_heads": heads}
+    attrs = {"num_key_value_groups": heads // kv_heads}
+    if family == "phi3":
+        attrs["num_key_value_heads"] = kv_heads
+        attrs["config"] = {"num_attention_heads": heads, "num_key_value_heads": kv_heads}
+    return attrs
+
+
+def _layer_container(model, adapter):
+    return model.get_submodule(adapter.layer_prefix.rsplit(".", 1)[0])
+
+
+@torch.no_grad()
+def shrink(model, plan: PrunePlan, graph=None, *, verbose: bool = False):
+    """Remove the plan's units physically, in place.  Returns the model, whose
+    ``structlm_layout`` attribute records what a stock config cannot express."""
+    start = time.perf_counter()
+    graph = graph or build_graph(model)
+    plan.validate(graph)
+    adapter = get_adapter(model.config).bind({n: tuple(p.shape) for n, p in model.named_parameters()})
+    _check_hidden_supported(adapter, plan)
+    removed_blocks = set(plan.removed_blocks)
+
+    # 1. which parameters disappear with whole sublayers/blocks
+    dropped: set[str] = set()
+    placeholders: dict[str, str] = {}
+    for i in range(graph.n_layers):
+        if i in removed_blocks:
+            dropped |= {m.param for m in graph.group("block", i).members}
+            continue
+        lp = plan.layer(i)
+        if not lp.attention:
+            dropped |= {m.param for m in graph.group("attention", i).members}
+            placeholders[adapter.attn(i)] = "attention"
+            if adapter.pre_norm:
+                placeholders.update({f"{adapter.layer(i)}.{n}": "identity" for n in adapter.attn_norm_modules})
+        if not lp.ffn:
+            dropped |= {m.param for m in graph.group("ffn", i).members}
+            if adapter.mlp_module:
+                placeholders[adapter.mlp(i)] = "zero"
+            else:  # OPT keeps fc1/fc2 in the decoder layer itself
+                placeholders[f"{adapter.mlp(i)}.{adapter.ffn_in_modules[0]}"] = "identity"
+                placeholders[f"{adapter.mlp(i)}.{adapter.ffn_out_module}"] = "zero"
+            if adapter.pre_norm:
+                placeholders.update({f"{adapter.layer(i)}.{n}": "identity" for n in adapter.ffn_norm_modules})
+
+    # 2. slice every surviving parameter along every dim the removed units touch
+    spans: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)
+    for unit in removed_units(plan, graph):
+        if unit.kind in ("attention", "ffn", "block"):
+            continue
+        for name, dim, a, b in unit.slices:
+            if name not in dropped:
+                spans[(name, dim)].append((a, b))
+    params = dict(model.named_parameters())
+    for (name, dim), sl in spans.items():
+        p = params[name]
+        p.data = p.data.index_select(dim, _keep_index(p.shape[dim], sl))
+    for module in model.modules():
+        sync_module_sizes(module)
+
+    # 3. hidden channels: RMSNorm over fewer channels, made exact by rescaling weight and eps
+    config = model.config
+    if plan.hidden_channels is not None:
+        d, d_new = graph.hidden, len(plan.hidden_channels)
+        scale = math.sqrt(d / d_new)
+        residual_norms = {m.param.rpartition(".")[0] for m in graph.group("hidden_channel", None).members}
+        for name, module in model.named_modules():
+            if hasattr(module, "variance_epsilon"):  # every RMSNorm reads the same config eps on reload
+                module.variance_epsilon *= d / d_new
+                if name in residual_norms:
+                    module.weight.data.mul_(scale)
+        config.rms_norm_eps = config.rms_norm_eps * d / d_new
+        config.hidden_size = d_new
+        if graph.is_tied:
+            model.tie_weights()
+
+    # 4. placeholders for removed sublayers, then delete removed blocks
+    layers = _layer_container(model, adapter)
+    apply_layout(model, {"placeholders": placeholders})
+    kept_layers = [i for i in range(graph.n_layers) if i not in removed_blocks]
+    if removed_blocks:
+        new_layers = nn.ModuleList([layers[i] for i in kept_layers])
+        parent_name, _, child = adapter.layer_prefix.rsplit(".", 1)[0].rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new_layers)
+        for new_i, layer in enumerate(new_layers):
+            for sub in layer.modules():
+                if hasattr(sub, "layer_idx"):
+                    sub.layer_idx = new_i
+        _set_layer_count(config, adapter, kept_layers)
+
+    # 5. attention attributes and the layout record for export
+    module_attrs: dict[str, dict] = {}
+    rows = []
+    for new_i, old_i in enumerate(kept_layers):
+        heads = len(plan.kept_heads(graph, old_i))
+        kv_heads = len(plan.kept_kv_groups(graph, old_i))
+        ffn = len(plan.kept_ffn(graph, old_i))
+        rows.append({"layer": new_i, "source_layer": old_i, "heads": heads, "kv_heads": kv_heads, "ffn": ffn})
+        if heads and (heads, kv_heads) != (graph.n_heads, graph.n_kv):
+            name = adapter.layer_prefix.format(i=new_i) + f".{adapter.attn_module}"
+            module_attrs[name] = attention_attrs(adapter, heads, kv_heads)
+    apply_layout(model, {"module_attrs": module_attrs})
+    model.structlm_layout = {"family": graph.family, "layers": rows,
+                             "placeholders": _renumber(placeholders, adapter, kept_layers),
+                             "module_attrs": module_attrs}
+    model.structlm_plan = plan
+    if verbose:
+        print(f"structlm: shrunk in {time.perf_counter() - start:.2f} s")
+    return model
+
+
+def _renumber(placeholders: dict, adapter, kept_layers: list[int]) -> dict:
+    """Placeholder names use original layer numbers; after block removal they shift."""
+    new_index = {old: new for new, old in enumerate(kept_layers)}
+    prefix = adapter.layer_prefix.split("{i}")[0]
+    out = {}
+    for name, kind in placeholders.items():
+        rest = name[len(prefix):]
+        old, _, tail = rest.partition(".")
+        out[f"{prefix}{new_index[int(old)]}.{tail}"] = kind
+    return out
+
+
+def _set_layer_count(config, adapter, kept_layers):
+    for field in ("num_hidden_layers", "n_layer"):
+        if hasattr(config, field) and getattr(config, field) is not None:
+            setattr(config, field, len(kept_layers))
+    types = getattr(config, "layer_types", None)
+    if types:
+        config.layer_types = [types[i] for i in kept_layers]
+    if getattr(config, "max_window_layers", None) is not None:  # qwen2: the first N layers use full attention
+        config.max_window_layers = sum(1 for i in kept_layers if i < config.max_window_layers)
