@@ -222,8 +222,9 @@ class PrunePlan:
             shared_ffn = sum(layer_acc["ffn_shared"].values()) if self.layer(i).ffn else 0
             norms = layer_acc["norms"]
             lp = self.layer(i)
-            norms -= 0 if lp.attention else _sublayer_norms(graph, "attention", i)
-            norms -= 0 if lp.ffn else _sublayer_norms(graph, "ffn", i)
+            if graph.config.get("pre_norm", True):  # post-LN keeps a removed sublayer's norm
+                norms -= 0 if lp.attention else _sublayer_norms(graph, "attention", i)
+                norms -= 0 if lp.ffn else _sublayer_norms(graph, "ffn", i)
             params += round((attn_p + ffn_p + norms + shared_attn + shared_ffn) * hidden_scale)
             flops += round((attn_f + ffn_f) * hidden_scale)
         outside = acc["total"] - sum(layer["block"] for layer in acc["layers"])
@@ -252,8 +253,15 @@ class PrunePlan:
 
 
 def _sublayer_norms(graph: Graph, kind: str, i: int) -> int:
-    group = graph.group(kind, i)
-    return sum(m.numel_per_unit for m in group.members if "norm" in m.param or ".ln_" in m.param)
+    """Parameters of a sublayer's own norms: the whole sublayer minus its units and shared params."""
+    layer_acc = graph.accounting()["layers"][i]
+    if kind == "attention":
+        units = graph.group("kv_group", i).params
+        shared = sum(layer_acc["attention_shared"].values())
+    else:
+        units = graph.group("ffn_channel", i).params
+        shared = sum(layer_acc["ffn_shared"].values())
+    return graph.group(kind, i).params - units - shared
 
 
 def _check_indices(what: str, indices, size: int) -> None:

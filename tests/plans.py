@@ -1,0 +1,63 @@
+"""Random and per-kind prune plans for the surgery and export tests."""
+
+from __future__ import annotations
+
+import random
+
+from structlm.plan import LayerPlan, PrunePlan
+
+HIDDEN_FAMILIES = ("llama", "mistral", "qwen2", "phi3")  # RMSNorm without q/k norms: exact hidden pruning
+
+
+def random_plan(graph, rng: random.Random, hidden: bool = False) -> PrunePlan:
+    """Any mix of removed KV groups, query heads, FFN channels, sublayers, one block, hidden channels."""
+    per_group = graph.n_heads // graph.n_kv
+    layers = {}
+    for i in range(graph.n_layers):
+        lp = LayerPlan()
+        r = rng.random()
+        if r < 0.2:
+            lp.attention = False
+        elif r < 0.7:
+            if graph.n_kv > 1 and rng.random() < 0.6:
+                lp.kv_groups = sorted(rng.sample(range(graph.n_kv), rng.randint(1, graph.n_kv)))
+            if per_group > 1 and rng.random() < 0.6:
+                keep = rng.randint(1, per_group)
+                groups = lp.kv_groups if lp.kv_groups is not None else range(graph.n_kv)
+                # a different choice of heads in every group, the same number in each
+                lp.query_heads = [g * per_group + j for g in groups for j in sorted(rng.sample(range(per_group), keep))]
+        r = rng.random()
+        if r < 0.2:
+            lp.ffn = False
+        elif r < 0.7:
+            lp.ffn_channels = sorted(rng.sample(range(graph.intermediate), rng.randint(1, graph.intermediate)))
+        layers[i] = lp
+    blocks = [rng.randrange(graph.n_layers)] if graph.n_layers > 2 and rng.random() < 0.5 else []
+    for b in blocks:
+        layers.pop(b)
+    kept_hidden = sorted(rng.sample(range(graph.hidden), rng.randint(graph.hidden // 2, graph.hidden - 1))) \
+        if hidden else None
+    return PrunePlan(layers=layers, removed_blocks=blocks, hidden_channels=kept_hidden, align=1)
+
+
+def kind_plan(graph, kind: str, layer: int = 0) -> PrunePlan:
+    """A plan that removes units of one kind only."""
+    per_group = graph.n_heads // graph.n_kv
+    if kind == "kv_group":
+        return PrunePlan(layers={layer: LayerPlan(kv_groups=list(range(1, graph.n_kv)) or None)})
+    if kind == "query_head":
+        keep = [g * per_group + j for g in range(graph.n_kv) for j in range(max(1, per_group - 1))]
+        if per_group == 1:  # MHA: a query head is its KV group
+            return PrunePlan(layers={layer: LayerPlan(kv_groups=list(range(graph.n_kv - 1)))})
+        return PrunePlan(layers={layer: LayerPlan(query_heads=keep)})
+    if kind == "ffn_channel":
+        return PrunePlan(layers={layer: LayerPlan(ffn_channels=list(range(0, graph.intermediate, 3)))})
+    if kind == "attention":
+        return PrunePlan(layers={layer: LayerPlan(attention=False)})
+    if kind == "ffn":
+        return PrunePlan(layers={layer: LayerPlan(ffn=False)})
+    if kind == "block":
+        return PrunePlan(removed_blocks=[layer])
+    if kind == "hidden_channel":
+        return PrunePlan(hidden_channels=[c for c in range(graph.hidden) if c % 4 != 1])
+    raise ValueError(kind)
