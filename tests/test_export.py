@@ -1,0 +1,175 @@
+"""Saved checkpoints reload with stock transformers and give the in-memory pruned logits;
+saving is atomic."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from plans import random_plan
+from structlm import export, surgery
+from structlm.graph import build_graph
+from structlm.plan import LayerPlan, PrunePlan
+from tiny_models import FAMILIES, tiny_inputs, tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+BLOCK_STRUCTLM = textwrap.dedent("""
+    import importlib.abc, sys
+    class _Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "structlm" or name.startswith("structlm."):
+                raise ImportError("structlm is blocked in this process")
+    sys.meta_path.insert(0, _Block())
+""")
+
+
+def uniform_plan(graph) -> PrunePlan:
+    layers = {i: LayerPlan(kv_groups=list(range(max(1, graph.n_kv - 1))) if graph.n_kv > 1 else None,
+                           ffn_channels=list(range(0, graph.intermediate, 2))) for i in range(graph.n_layers - 1)}
+    return PrunePlan(layers=layers, removed_blocks=[graph.n_layers - 1])
+
+
+def save_pruned(family, plan_fn, out: Path, seed=0):
+    model = tiny_model(family, num_hidden_layers=3, seed=seed)
+    graph = build_graph(model)
+    plan = plan_fn(graph)
+    shrunk = surgery.shrink(model, plan, graph)
+    export.save(shrunk, None, out, plan=plan, recipe={"method": "test"}, report={"note": "test"})
+    ids = tiny_inputs(shrunk.config)
+    with torch.no_grad():
+        ref = shrunk(ids).logits
+    torch.save({"ids": ids, "ref": ref}, out / "reference.pt")
+    return shrunk, ids, ref
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_trip_uniform_and_heterogeneous(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    # uniform: stock config, plain from_pretrained (GPT-2/OPT derive head_dim from hidden/heads, so
+    # fewer heads cannot be stock there: they fall back to the heterogeneous format)
+    _, ids, ref = save_pruned(family, uniform_plan, tmp_path / "uniform")
+    report = json.loads((tmp_path / "uniform" / "report.json").read_text())
+    assert {"plan.json", "recipe.json", "report.json", "config.json"} <= {p.name for p in (tmp_path / "uniform").iterdir()}
+    if family in ("gpt2", "opt"):
+        assert report["format"] == "heterogeneous"
+    else:
+        assert report["format"] == "uniform"
+        assert not (tmp_path / "uniform" / export.REMOTE_FILE).exists()
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "uniform", dtype=torch.float32).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, ref, atol=1e-5, rtol=0)
+
+    # heterogeneous: per-layer widths and removed sublayers, loaded by structlm without remote code
+    _, ids, ref = save_pruned(family, lambda g: random_plan(g, __import__("random").Random(3)), tmp_path / "het")
+    loaded = export.load(tmp_path / "het")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ref, atol=1e-5, rtol=0)
+    out = loaded.generate(ids[:1], max_new_tokens=4, do_sample=False)
+    assert out.shape[1] >= ids.shape[1] + 1
+
+
+def test_llama_shapes_llamaconfig_rejects_are_saved_as_mistral(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    # 7 of 9 heads with hidden 72: LlamaConfig refuses hidden % heads != 0 even with an explicit
+    # head_dim; Mistral's config and modeling compute the same thing and accept it
+    model = tiny_model("llama", num_attention_heads=9, num_key_value_heads=9)
+    graph = build_graph(model)
+    plan = PrunePlan(layers={i: LayerPlan(kv_groups=list(range(7))) for i in range(2)})
+    shrunk = surgery.shrink(model, plan, graph)
+    export.save(shrunk, None, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["model_type"] == "mistral" and config["num_attention_heads"] == 7 and config["head_dim"] == 8
+    ids = tiny_inputs(shrunk.config)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, shrunk(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_remote_code_loads_where_structlm_is_not_importable(tmp_path):
+    outs = []
+    for family in ("llama", "gemma3", "gpt2", "opt"):
+        out = tmp_path / family
+        save_pruned(family, lambda g: random_plan(g, __import__("random").Random(7)), out)
+        assert (out / export.REMOTE_FILE).exists()
+        outs.append(str(out))
+    script = BLOCK_STRUCTLM + textwrap.dedent(f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        for out in {outs!r}:
+            ref = torch.load(out + "/reference.pt")
+            model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+            with torch.no_grad():
+                err = (model(ref["ids"]).logits - ref["ref"]).abs().max().item()
+            gen = model.generate(ref["ids"][:1], max_new_tokens=3, do_sample=False)
+            assert err < 1e-5, (out, err)
+            print("ok", out.rsplit("/", 1)[-1], type(model).__name__, err)
+        try:
+            import structlm
+            print("structlm importable")
+        except ImportError:
+            print("structlm blocked")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("ok ") == 4 and "structlm blocked" in proc.stdout
+
+
+def test_refuses_to_overwrite_and_force_replaces(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    model = tiny_model("llama")
+    with pytest.raises(FileExistsError, match="--force"):
+        export.save(model, None, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    export.save(model, None, out, force=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging or backup left
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_killing_a_save_leaves_the_output_absent_or_untouched(tmp_path, existing):
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+        (out / "old.txt").write_text("old")
+    marker = tmp_path / "writing"
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO / 'tests')!r})
+        from tiny_models import tiny_model
+        from structlm import export
+        model = tiny_model("llama")
+        real = model.save_pretrained
+        def slow_save(path, **kw):
+            real(path, **kw)                      # the weights are half way to disk...
+            open({str(marker)!r}, "w").close()
+            time.sleep(60)                        # ...when the process is killed
+        model.save_pretrained = slow_save
+        export.save(model, None, {str(out)!r}, force=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert marker.exists(), "the save never started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if existing:
+        assert [p.name for p in out.iterdir()] == ["old.txt"]
+    else:
+        assert not out.exists()
