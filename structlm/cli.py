@@ -9,7 +9,7 @@ import sys
 
 from . import __version__
 
-VERB_MODULES = ("structlm.cli_eval", "structlm.cli_graph")
+VERB_MODULES = ("structlm.cli_eval", "structlm.cli_graph", "structlm.cli_prune")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +33,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from .data import DataError
     from .models import ModelNotFoundError
 
+    # ValueError covers PlanError, TargetError, UnsupportedArchitectureError and GraphBuildError
     return AssetError, DataError, ModelNotFoundError, ValueError, FileExistsError, FileNotFoundError
 
 

@@ -241,14 +241,22 @@ class PrunePlan:
                  f"({cost['params_ratio']:.1%}), weight FLOPs/token {cost['flops_ratio']:.1%} of dense"]
         if self.hidden_channels is not None:
             lines.append(f"hidden channels: {len(self.hidden_channels)} of {graph.hidden}")
-        lines.append(f"{'layer':>5}  {'attention':<14}  {'ffn':<12}")
+        lines.append(f"{'layers':>7}  {'attention':<14}  {'ffn':<12}")
+        runs: list[list] = []  # consecutive layers of the same shape share a line
         for row in self.shapes(graph):
             if not row["block"]:
-                lines.append(f"{row['layer']:>5}  block removed")
-                continue
-            attn = f"{row['heads']}q/{row['kv_heads']}kv" if row["attention"] else "removed"
-            ffn = f"{row['ffn_channels']}" if row["ffn"] else "removed"
-            lines.append(f"{row['layer']:>5}  {attn:<14}  {ffn:<12}")
+                text = "block removed"
+            else:
+                attn = f"{row['heads']}q/{row['kv_heads']}kv" if row["attention"] else "removed"
+                ffn = f"{row['ffn_channels']}" if row["ffn"] else "removed"
+                text = f"{attn:<14}  {ffn:<12}"
+            if runs and runs[-1][2] == text:
+                runs[-1][1] = row["layer"]
+            else:
+                runs.append([row["layer"], row["layer"], text])
+        for first, last, text in runs:
+            span = f"{first}" if first == last else f"{first}-{last}"
+            lines.append(f"{span:>7}  {text}")
         return "\n".join(lines)
 
 

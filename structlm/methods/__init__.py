@@ -1,0 +1,44 @@
+"""Pruning methods, one file each, registered by name.
+
+A method is a function ``method(model, graph, target, calib, **options) -> (PrunePlan, info)``:
+it scores the graph's units on calibration data and returns a plan that meets ``target``
+(plus a JSON-able ``info`` with its scores and decisions, written into the report).  It never
+changes the model it returns a plan for (it may mask or skip parts temporarily).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+_REGISTRY: dict[str, Callable] = {}
+_BUILTIN = ("last_blocks", "shortgpt", "sleb", "finercut")
+
+
+def register(name: str):
+    def wrap(fn):
+        _REGISTRY[name] = fn
+        fn.method_name = name
+        return fn
+    return wrap
+
+
+def _load_builtin():
+    for module in _BUILTIN:
+        try:
+            importlib.import_module(f"{__name__}.{module}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{module}":
+                raise
+
+
+def available() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Callable:
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown pruning method {name!r}; available: {', '.join(available()) or 'none'}")
+    return _REGISTRY[name]

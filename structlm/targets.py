@@ -1,0 +1,56 @@
+"""Targets as plain data: ``params=0.8`` keeps 80% of the parameters (tied embeddings counted
+once), ``blocks=7`` removes seven blocks, ``sublayers=12`` removes twelve attention/FFN
+sublayers.  Parsed from ``--target`` strings or given as dicts (``{"params": 0.8}``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KINDS = {
+    "params": "fraction of the model's parameters to keep (0 < x < 1)",
+    "blocks": "number of whole blocks to remove",
+    "sublayers": "number of attention/FFN sublayers to remove",
+}
+
+
+class TargetError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: str
+    value: float
+
+    def __str__(self) -> str:
+        return f"{self.kind}={self.value:g}"
+
+    def to_dict(self) -> dict:
+        return {self.kind: self.value}
+
+
+def parse_target(spec) -> Target:
+    if isinstance(spec, Target):
+        return spec
+    if isinstance(spec, dict):
+        if len(spec) != 1:
+            raise TargetError(f"a target has exactly one constraint, got {spec}")
+        (kind, value), = spec.items()
+    else:
+        kind, sep, value = str(spec).partition("=")
+        if not sep:
+            raise TargetError(f"target {spec!r} is not KIND=VALUE; kinds: "
+                              + "; ".join(f"{k} ({v})" for k, v in KINDS.items()))
+    kind = kind.strip()
+    if kind not in KINDS:
+        raise TargetError(f"unknown target kind {kind!r}; kinds: " + "; ".join(f"{k} ({v})" for k, v in KINDS.items()))
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TargetError(f"target {kind}={value!r}: the value must be a number") from None
+    if kind == "params" and not 0 < value < 1:
+        raise TargetError(f"impossible target params={value:g}: keep a fraction strictly between 0 and 1 "
+                          f"(params=0.8 keeps 80% of the parameters)")
+    if kind in ("blocks", "sublayers") and (value < 1 or value != int(value)):
+        raise TargetError(f"target {kind}={value:g} must be a positive whole number")
+    return Target(kind, value)
