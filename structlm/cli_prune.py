@@ -82,7 +82,7 @@ def _table(before: dict | None, after: dict, stats: dict) -> str:
 def run(args) -> int:
     from . import export
     from .graph import build_graph
-    from .prune import make_plan, prune
+    from .pipeline import make_plan, prune
 
     _check_args(args)
     models.set_threads(args.threads)
