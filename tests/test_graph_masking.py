@@ -322,7 +322,7 @@ def random_config(draw):
         if family in ("qwen2", "phi3"):
             hidden = H * hd  # head_dim derived from hidden / heads
         else:
-            hidden = draw(st.sampled_from([16, 24, 40]))
+            hidden = H * draw(st.sampled_from([4, 8]))  # configs validate hidden % heads == 0
         over = dict(hidden_size=hidden, num_attention_heads=H, num_key_value_heads=kv, intermediate_size=inter,
                     num_hidden_layers=layers, tie_word_embeddings=tie)
         if family not in ("qwen2", "phi3"):
@@ -334,7 +334,7 @@ def random_config(draw):
     return family, over, kind, seed
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(random_config())
 def test_property_random_units_random_configs(case):
     family, over, kind, seed = case

@@ -21,8 +21,21 @@ def register(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
     return cls
 
 
+_loaded = False
+
+
 def _load_builtin() -> None:
-    from . import gemma3, gpt2, llama, mistral, opt, phi3, qwen2, qwen3  # noqa: F401  (they register)
+    """Import every module of this package once: each adapter file registers itself."""
+    global _loaded
+    if _loaded:
+        return
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
+    _loaded = True
 
 
 def supported_model_types() -> list[str]:
