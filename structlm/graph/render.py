@@ -34,6 +34,9 @@ def summary_text(g: Graph) -> str:
             for gr in g.groups_of(kind, layer):
                 cells.append((kind, gr.count, gr.params_per_unit, gr.flops_per_token_per_unit))
         kind_name = c["layer_types"][layer] if c.get("layer_types") else ""
+        window = g.groups_of(ATTENTION, layer)[0].window if g.groups_of(ATTENTION, layer) else None
+        if window:
+            kind_name += f", window {window}"
         rows.setdefault((kind_name, tuple(cells)), []).append(layer)
     for (lt, cells), layers in rows.items():
         lines.append(f"  layers {_ranges(layers)}" + (f" ({lt})" if lt else "") + ":")
