@@ -48,45 +48,9 @@ KNOWN_TP_LIMITS: dict[str, dict[str, str]] = {
 
 # ------------------------------------------------------------------------ harness ----
 def _patch_tp():
-    from torch_pruning.dependency import graph as tpg
+    from structlm.anchors import patch_torch_pruning
 
-    if getattr(tpg.DependencyGraph, "_structlm_patched", False):
-        return
-    big = 2**63
-
-    class GradFnView:
-        """A grad_fn whose unsigned _saved_dim reads as the negative dim it is."""
-
-        def __init__(self, gf):
-            object.__setattr__(self, "_gf", gf)
-
-        def __getattr__(self, name):
-            v = getattr(self._gf, name)
-            if name == "_saved_dim" and isinstance(v, int) and v >= big:
-                v -= 2**64
-            return v
-
-        def __hash__(self):
-            return hash(self._gf)
-
-        def __eq__(self, other):
-            return self._gf is getattr(other, "_gf", other)
-
-    orig = tpg.DependencyGraph._build_dependency
-
-    def build(self, module2node):
-        for node in module2node.values():
-            gf = node.grad_fn
-            d = getattr(gf, "_saved_dim", None) if gf is not None else None
-            if isinstance(d, int) and d >= big:
-                node.grad_fn = GradFnView(gf)
-            mod = node.module
-            if isinstance(getattr(mod, "dim", None), int) and mod.dim >= big:
-                mod.dim -= 2**64
-        return orig(self, module2node)
-
-    tpg.DependencyGraph._build_dependency = build
-    tpg.DependencyGraph._structlm_patched = True
+    patch_torch_pruning()
 
 
 def _conv1d_pruner():
