@@ -16,6 +16,13 @@ Per layer (every key optional; absent means "keep all"): ``kv_groups`` kept KV g
 must keep the same number of its heads), ``ffn_channels`` kept FFN channels, ``attention`` /
 ``ffn`` false to remove the whole sublayer.  ``removed_blocks`` lists whole blocks removed;
 ``hidden_channels`` the kept residual channels (null = all).
+
+Optional ``biases`` (FLAP's bias compensation): ``{param name: values}``, the new bias of an
+output projection (attention o_proj / FFN down_proj, or the family's equivalent) after pruning, in
+the shrunk coordinates (one value per kept hidden channel).  ``mask`` writes them into the
+unshrunk model (zero at removed hidden channels), ``shrink`` creates the bias parameters where the
+model has none (Llama: ``attention_bias``/``mlp_bias`` turned on, the other projections' new biases
+zero, so a stock config reproduces the model).
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ class PrunePlan:
     family: str | None = None
     align: int = 8
     meta: dict = field(default_factory=dict)
+    biases: dict[str, list[float]] = field(default_factory=dict)
 
     def layer(self, i: int) -> LayerPlan:
         return self.layers.get(i) or LayerPlan()
@@ -72,10 +80,13 @@ class PrunePlan:
     # ---- serialization ----
     def to_dict(self) -> dict:
         layers = {str(i): lp.to_dict() for i, lp in sorted(self.layers.items()) if not lp.is_identity}
-        return {"format": FORMAT, "family": self.family, "layers": layers,
-                "removed_blocks": sorted(int(b) for b in self.removed_blocks),
-                "hidden_channels": None if self.hidden_channels is None else sorted(int(c) for c in self.hidden_channels),
-                "align": self.align, "meta": self.meta}
+        d = {"format": FORMAT, "family": self.family, "layers": layers,
+             "removed_blocks": sorted(int(b) for b in self.removed_blocks),
+             "hidden_channels": None if self.hidden_channels is None else sorted(int(c) for c in self.hidden_channels),
+             "align": self.align, "meta": self.meta}
+        if self.biases:
+            d["biases"] = {name: [float(v) for v in values] for name, values in sorted(self.biases.items())}
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1) + "\n"
@@ -84,7 +95,8 @@ class PrunePlan:
     def from_dict(cls, d: dict) -> "PrunePlan":
         if d.get("format", FORMAT) != FORMAT:
             raise PlanError(f"not a {FORMAT} plan (format={d.get('format')!r})")
-        unknown = set(d) - {"format", "family", "layers", "removed_blocks", "hidden_channels", "align", "meta"}
+        unknown = set(d) - {"format", "family", "layers", "removed_blocks", "hidden_channels", "align", "meta",
+                            "biases"}
         if unknown:
             raise PlanError(f"unknown plan keys {sorted(unknown)}")
         layers = {}
@@ -99,7 +111,8 @@ class PrunePlan:
                 raise PlanError(f"layer {key!r}: {e}") from e
         return cls(layers=layers, removed_blocks=list(d.get("removed_blocks") or []),
                    hidden_channels=d.get("hidden_channels"), family=d.get("family"),
-                   align=int(d.get("align", 8)), meta=dict(d.get("meta") or {}))
+                   align=int(d.get("align", 8)), meta=dict(d.get("meta") or {}),
+                   biases={str(k): list(v) for k, v in (d.get("biases") or {}).items()})
 
     @classmethod
     def load(cls, path) -> "PrunePlan":
@@ -179,7 +192,28 @@ class PrunePlan:
                 raise PlanError("hidden_channels is empty; keep at least one residual channel")
         if self.align < 1:
             raise PlanError(f"align must be >= 1 (got {self.align})")
+        if self.biases:
+            self._validate_biases(graph)
         return self
+
+    def _validate_biases(self, graph: Graph) -> None:
+        """Each new bias belongs to an output projection (a writer of the residual stream) of a
+        kept sublayer and has one value per kept hidden channel."""
+        writer_dim = 1 if graph.family == "gpt2" else 0  # GPT-2 Conv1D weights are [in, out]
+        writers = {m.param: m for m in graph.group("hidden_channel", None).members
+                   if len(m.shape) == 2 and m.dim == writer_dim}
+        n_hidden = len(self.kept_hidden(graph))
+        owner = {m.param: (g.layer, g.kind) for g in graph.groups if g.kind in ("attention", "ffn") for m in g.members}
+        for name, values in self.biases.items():
+            weight = name[:-len(".bias")] + ".weight" if name.endswith(".bias") else None
+            where = owner.get(weight)
+            if weight not in writers or where is None:
+                raise PlanError(f"biases: {name!r} is not the bias of a layer's output projection")
+            i, kind = where
+            if i in self.removed_blocks or not getattr(self.layer(i), kind):
+                raise PlanError(f"biases: {name!r} belongs to a removed {kind} sublayer of layer {i}")
+            if len(values) != n_hidden:
+                raise PlanError(f"biases: {name!r} has {len(values)} values for {n_hidden} kept hidden channels")
 
     # ---- shapes and costs ----
     def shapes(self, graph: Graph) -> list[dict]:

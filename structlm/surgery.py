@@ -59,7 +59,61 @@ def mask(model, plan: PrunePlan, graph=None):
     graph = graph or build_graph(model)
     plan.validate(graph)
     mask_units(model, removed_units(plan, graph))
+    if plan.biases:  # new output biases, expanded to the full residual width (zero where removed)
+        kept = torch.tensor(plan.kept_hidden(graph))
+        for name, values in plan.biases.items():
+            module = model.get_submodule(name.rpartition(".")[0])
+            weight = module.weight
+            full = torch.zeros(graph.hidden, dtype=weight.dtype, device=weight.device)
+            full[kept] = torch.tensor(values, dtype=weight.dtype, device=weight.device)
+            _set_bias(module, full)
     return model
+
+
+def _set_bias(module, value: torch.Tensor) -> None:
+    if getattr(module, "bias", None) is not None:
+        module.bias.data = value.to(module.bias.dtype).clone()
+    else:
+        module.bias = nn.Parameter(value.clone(), requires_grad=module.weight.requires_grad)
+
+
+# families whose config can switch on biases for every projection of a sublayer: flag per sublayer
+BIAS_FLAGS = {"llama": {"attention": "attention_bias", "ffn": "mlp_bias"}}
+
+
+def _apply_biases(model, plan: PrunePlan, graph, adapter) -> None:
+    """Write the plan's new output biases (shrunk coordinates); create them where the model has
+    none.  Llama turns on ``attention_bias``/``mlp_bias`` and gives every other projection of the
+    kept sublayers a zero bias, so that the stock config rebuilds the model."""
+    params = dict(model.named_parameters())
+    missing = [n for n in plan.biases if n not in params]
+    if missing:
+        flags = BIAS_FLAGS.get(graph.family)
+        if flags is None:
+            raise PlanError(f"the plan adds biases {missing[:2]} that {graph.family} models do not have and its "
+                            f"config cannot express; bias compensation needs an output projection with a bias "
+                            f"(or a family with bias flags: {', '.join(BIAS_FLAGS)})")
+        owner = {m.param: g.kind for g in graph.groups if g.kind in ("attention", "ffn") for m in g.members}
+        kinds = {owner[n[:-len(".bias")] + ".weight"] for n in missing}
+        for i in range(graph.n_layers):
+            if i in plan.removed_blocks:
+                continue
+            lp = plan.layer(i)
+            projs = []
+            if "attention" in kinds and lp.attention:
+                projs += [adapter.q(i), adapter.k(i), adapter.v(i), adapter.o(i)]
+            if "ffn" in kinds and lp.ffn:
+                projs += adapter.ffn_in(i) + [adapter.ffn_out(i)]
+            for proj in projs:
+                module = model.get_submodule(proj.weight.rpartition(".")[0])
+                if module.bias is None:
+                    out = module.weight.shape[proj.out_dim]
+                    _set_bias(module, torch.zeros(out, dtype=module.weight.dtype, device=module.weight.device))
+        for kind in kinds:
+            setattr(model.config, flags[kind], True)
+    for name, values in plan.biases.items():
+        module = model.get_submodule(name.rpartition(".")[0])
+        _set_bias(module, torch.tensor(values, dtype=module.weight.dtype, device=module.weight.device))
 
 
 def _check_hidden_supported(adapter, plan):
@@ -164,6 +218,10 @@ def shrink(model, plan: PrunePlan, graph=None, *, verbose: bool = False):
         config.hidden_size = d_new
         if graph.is_tied:
             model.tie_weights()
+
+    # 3b. new output biases (FLAP's bias compensation)
+    if plan.biases:
+        _apply_biases(model, plan, graph, adapter)
 
     # 4. placeholders for removed sublayers, then delete removed blocks
     layers = _layer_container(model, adapter)

@@ -1,0 +1,171 @@
+"""LLM-Pruner (Ma et al. 2023): Taylor importance of coupled units from the LM loss.
+
+With ``L`` the causal LM loss (mean over tokens and calibration samples; paper: 10 samples),
+``g = dL/dw`` its gradient and ``F = (1/S) sum_s (dL_s/dw)^2`` the diagonal empirical Fisher of the
+S per-sample losses, each weight element ``w`` of a unit gets (``taylor`` option):
+
+    param_first   |w * g|                       element-wise first order (default)
+    param_second  |w * F * w|                   element-wise second order
+    param_mix     |w * g - 1/2 * w * F * w|     first minus half the second-order term
+    vectorize     per weight vector v (one row or column of a member slice): |sum_{e in v} w_e g_e|
+
+and a member (one projection slice of the unit, its bias folded in) sums its elements.  The unit's
+importance aggregates its members (``aggregate``): ``sum`` (default), ``mean``, ``max``, ``prod``
+or ``last`` (the last executing member: o_proj / down_proj columns).  Units are KV groups (or
+query heads, ``gqa="query_heads"``) and FFN channels of the prunable ``layers`` (default
+``"4:-2"``: the paper skips the first and last layers; all layers below 8), plus hidden channels
+with ``prune_hidden``.
+
+Memory: only the scored projections require grad (embeddings, norms and the LM head do not,
+unless hidden channels are scored), samples go one at a time and the LM head + loss run in
+chunks of ``loss_chunk`` tokens, so the extra memory is one gradient copy of the scored weights
+(``param_first``/``vectorize``; ``param_second`` keeps the Fisher instead; ``param_mix`` both)
+plus one sample's activations.  The model's requires_grad flags, grads and train flag are
+restored afterwards.
+
+Options: ``taylor`` ("param_first"), ``aggregate`` ("sum"), ``max_samples`` (10), ``loss_chunk``
+(128) and the allocation options of :func:`structlm.methods._width.allocate`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import register
+from ._width import (WidthError, aggregate as aggregate_fn, allocate, attention_kind, member_matrix,
+                     model_state_guard, reject_unknown, score_summary, width_options)
+
+TAYLOR = ("param_first", "param_second", "param_mix", "vectorize")
+
+
+def default_layers(graph) -> str:
+    return "4:-2" if graph.n_layers >= 8 else "all"
+
+
+def lm_loss_backward(model, ids: torch.Tensor, scale: float = 1.0, chunk: int = 128) -> float:
+    """Backward of ``scale * mean token cross-entropy`` of ``ids`` (the model's causal LM loss),
+    with the LM head and the loss computed ``chunk`` positions at a time.  Returns the loss."""
+    out = model.base_model(input_ids=ids, use_cache=False)
+    h = out[0]
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    h_det = h.detach().requires_grad_(True)
+    n_pos = ids.shape[1] - 1
+    n = n_pos * ids.shape[0]
+    total = 0.0
+    for start in range(0, n_pos, chunk):
+        stop = min(start + chunk, n_pos)
+        logits = head(h_det[:, start:stop]).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, start + 1:stop + 1].reshape(-1),
+                               reduction="sum") / n
+        (loss * scale).backward()
+        total += float(loss.detach())
+    if h.requires_grad:
+        h.backward(h_det.grad)
+    return total
+
+
+def taylor_scores(model, graph, calib: torch.Tensor, layers: list[int], *, taylor: str = "param_first",
+                  gqa: str = "kv_groups", aggregate: str = "sum", hidden: bool = False, loss_chunk: int = 128,
+                  handles: list | None = None) -> tuple[dict, dict]:
+    """Unit scores from gradients of the LM loss on ``calib`` [S, L] (one sample at a time).
+    Call inside :func:`model_state_guard` (it changes requires_grad and grads)."""
+    if taylor not in TAYLOR:
+        raise WidthError(f"llm_pruner: unknown taylor {taylor!r}; choose from {', '.join(TAYLOR)}")
+    kind = attention_kind(graph, gqa)
+    groups = [graph.group(k, i) for i in layers for k in (kind, "ffn_channel")]
+    if hidden:
+        groups.append(graph.group("hidden_channel", None))
+    scored = list(dict.fromkeys(m.param for g in groups for m in g.members))
+    params = dict(model.named_parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    for name in scored:
+        params[name].requires_grad_(True)
+    n_samples = calib.shape[0]
+    second = taylor in ("param_second", "param_mix")
+    fisher: dict[str, torch.Tensor] = {}
+    first: dict[str, torch.Tensor] = {}
+    if second:
+        def hook_for(name):
+            def hook(p):
+                g = p.grad.float()
+                if name in fisher:
+                    fisher[name].addcmul_(g, g, value=n_samples)  # (dL_s/dw)^2 / S with grad = dL_s/dw / S
+                else:
+                    fisher[name] = g.square().mul_(n_samples)
+                if taylor == "param_mix":
+                    if name in first:
+                        first[name].add_(g)
+                    else:
+                        first[name] = g.clone()
+                p.grad = None
+            return hook
+        for name in scored:
+            h = params[name].register_post_accumulate_grad_hook(hook_for(name))
+            if handles is not None:
+                handles.append(h)
+    device = next(model.parameters()).device
+    losses = []
+    with torch.enable_grad():
+        for s in range(n_samples):
+            losses.append(lm_loss_backward(model, calib[s:s + 1].to(device), 1.0 / n_samples, loss_chunk))
+    if not second:
+        first = {name: params[name].grad for name in scored}
+
+    cache: dict = {}
+
+    def elem(name):
+        if name not in cache:
+            cache.clear()
+            w = params[name].detach().float()
+            if taylor in ("param_first", "vectorize"):
+                g = first[name]
+                if g is None:  # no gradient reached it (e.g. an unused parameter)
+                    g = torch.zeros_like(w)
+                e = w * g
+                cache[name] = e if taylor == "vectorize" else e.abs_()
+            elif taylor == "param_second":
+                cache[name] = (w * w * fisher[name]).abs_()
+            else:
+                cache[name] = (w * first[name] - 0.5 * w * w * fisher[name]).abs_()
+        return cache[name]
+
+    scores = {}
+    for g in groups:
+        v = aggregate_fn(member_matrix(g, elem, vectorize=taylor == "vectorize"), aggregate)
+        scores[(g.kind, g.layer)] = v
+    for name in scored:  # free the gradients as soon as the scores are out
+        params[name].grad = None
+    fisher.clear()
+    first.clear()
+    return scores, {"loss": sum(losses) / max(len(losses), 1), "samples": n_samples}
+
+
+@register("llm_pruner")
+def llm_pruner(model, graph, target, calib, **options):
+    alloc, gqa, layers, prune_hidden = width_options(graph, options, default_layers=default_layers(graph))
+    taylor = options.pop("taylor", "param_first")
+    how = options.pop("aggregate", "sum")
+    max_samples = options.pop("max_samples", 10)
+    loss_chunk = int(options.pop("loss_chunk", 128))
+    global_score = options.pop("global_score", "density")
+    reject_unknown("llm_pruner", options)
+    if calib is None or calib.ndim != 2 or calib.shape[1] < 2:
+        raise WidthError("llm_pruner needs calibration token ids [N, L] with L >= 2")
+    calib = calib[:max_samples] if max_samples else calib
+    with model_state_guard(model) as handles:
+        model.eval()
+        scores, loss_info = taylor_scores(model, graph, calib, layers, taylor=taylor, gqa=gqa, aggregate=how,
+                                          hidden=prune_hidden, loss_chunk=loss_chunk, handles=handles)
+    hidden_scores = scores.pop(("hidden_channel", None), None)
+    plan, info = allocate(graph, scores, target, layers=layers, hidden_scores=hidden_scores,
+                          global_score=global_score, **alloc)
+    info.update(method="llm_pruner", taylor=taylor, aggregate=how, gqa=gqa, layers=layers, prune_hidden=prune_hidden,
+                calibration=list(calib.shape), calibration_loss=round(loss_info["loss"], 5),
+                scores=score_summary(scores))
+    return plan, info

@@ -1,0 +1,52 @@
+"""Magnitude width pruning: a unit's score is the Lp norm of all its weights.
+
+    score(u) = ( sum_{m in members(u)} sum_{e in slice_m(u)} |w_e|^p )^(1/p)        (p = 1 or 2)
+
+Members are the unit's slices in the dependency graph (for a KV group: its q, k, v rows and o_proj
+columns, biases included; for an FFN channel: gate and up rows and the down_proj column).  With
+``aggregate`` other than ``sum``, each member's ``sum |w|^p`` is combined by that reduction
+(mean / max / prod / last) before the root.  No calibration data is used.
+
+Options: ``p`` (2), ``aggregate`` ("sum"), and the allocation options of
+:func:`structlm.methods._width.allocate` (``allocation``, ``schedule``, ``floor``, ``gqa``,
+``layers``, ``prune_hidden``, ``hidden_ratio``, ``attn_ratio``, ``align``, ``global_score``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import register
+from ._width import allocate, reject_unknown, score_summary, scores_from_elements, width_options
+
+
+def magnitude_scores(model, graph, layers, *, p: float = 2.0, gqa: str = "kv_groups", aggregate: str = "sum",
+                     hidden: bool = False) -> dict:
+    params = dict(model.named_parameters())
+    cache: dict = {}
+
+    def elem(name):
+        if name not in cache:
+            cache.clear()  # one element tensor at a time (members of a param are consecutive)
+            cache[name] = params[name].detach().float().abs().pow(p)
+        return cache[name]
+
+    return scores_from_elements(graph, elem, layers, gqa=gqa, aggregate_how=aggregate, hidden=hidden,
+                                post=lambda v: v.clamp_min(0).pow(1.0 / p))
+
+
+@register("magnitude")
+@torch.no_grad()
+def magnitude(model, graph, target, calib=None, **options):
+    alloc, gqa, layers, prune_hidden = width_options(graph, options)
+    p = float(options.pop("p", 2))
+    how = options.pop("aggregate", "sum")
+    global_score = options.pop("global_score", "density")
+    reject_unknown("magnitude", options)
+    scores = magnitude_scores(model, graph, layers, p=p, gqa=gqa, aggregate=how, hidden=prune_hidden)
+    hidden_scores = scores.pop(("hidden_channel", None), None)
+    plan, info = allocate(graph, scores, target, layers=layers, hidden_scores=hidden_scores,
+                          global_score=global_score, **alloc)
+    info.update(method="magnitude", p=p, aggregate=how, gqa=gqa, layers=layers, prune_hidden=prune_hidden,
+                scores=score_summary(scores))
+    return plan, info

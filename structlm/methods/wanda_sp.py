@@ -1,0 +1,92 @@
+"""Wanda-SP (structured Wanda, as in An et al. 2024): weight magnitude times input activation norm.
+
+Element score of a weight ``W[i, j]`` of a projection whose input is ``X`` (calibration tokens x
+input channels):
+
+    s(W[i, j]) = |W[i, j]| * ||X[:, j]||_2
+
+A unit's score sums ``s`` over its members' slices.  ``scope="out"`` (default, the reference
+Wanda-SP) scores only the output projection's columns: a KV group / query head by its o_proj
+columns, an FFN channel by its down_proj column, i.e. ``sum_j ||X_j|| * sum_i |W[i, j]|`` over the
+unit's input channels j of o_proj/down_proj.  ``scope="unit"`` adds every projection slice of the
+unit (q/k/v/gate/up rows with their own inputs' norms).  Hidden channels (``prune_hidden``) sum
+``s`` over every projection that reads or writes the channel.  Biases, norms and embeddings carry
+no input and are not scored.
+
+Options: ``scope`` ("out"), ``aggregate`` ("sum"), ``batch_size`` (4) and the allocation options of
+:func:`structlm.methods._width.allocate`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import register
+from ._width import (InputStats, WidthError, allocate, input_dim, member_matrix, model_state_guard,
+                     aggregate as aggregate_fn, attention_kind, reject_unknown, score_summary, width_options)
+from ..families import get_adapter
+
+
+def projection_modules(model, graph, layers) -> dict:
+    """layer -> {"out": [o, down] weight names, "in": [q, k, v, gate, up] weight names}."""
+    ad = get_adapter(model.config).bind({n: tuple(p.shape) for n, p in model.named_parameters()})
+    out = {}
+    for i in layers:
+        out[i] = {"out": [ad.o(i).weight, ad.ffn_out(i).weight],
+                  "in": list(dict.fromkeys([ad.q(i).weight, ad.k(i).weight, ad.v(i).weight]
+                                           + [p.weight for p in ad.ffn_in(i)]))}
+    return out
+
+
+def wanda_elements(model, stats: InputStats):
+    params = dict(model.named_parameters())
+    cache: dict = {}
+
+    def elem(name):
+        module = name.rpartition(".")[0]
+        if not name.endswith(".weight") or module not in stats.sum:
+            return None
+        if name not in cache:
+            cache.clear()
+            w = params[name].detach().float().abs()
+            norm = stats.sqnorm(module).sqrt().float()
+            shape = [1, 1]
+            shape[input_dim(model.get_submodule(module))] = -1
+            cache[name] = w * norm.view(shape)
+        return cache[name]
+    return elem
+
+
+@register("wanda_sp")
+@torch.no_grad()
+def wanda_sp(model, graph, target, calib, **options):
+    alloc, gqa, layers, prune_hidden = width_options(graph, options)
+    scope = options.pop("scope", "out")
+    how = options.pop("aggregate", "sum")
+    batch_size = int(options.pop("batch_size", 4))
+    global_score = options.pop("global_score", "density")
+    reject_unknown("wanda_sp", options)
+    if scope not in ("out", "unit"):
+        raise WidthError(f"wanda_sp: scope must be 'out' or 'unit', not {scope!r}")
+    stat_layers = range(graph.n_layers) if prune_hidden else layers
+    mods = projection_modules(model, graph, stat_layers)
+    names = [w.rpartition(".")[0] for i in stat_layers for w in mods[i]["out"]
+             + (mods[i]["in"] if scope == "unit" or prune_hidden else [])]
+    with model_state_guard(model) as handles:
+        model.eval()
+        stats = InputStats(model, names).collect(calib, batch_size, handles)
+    elem = wanda_elements(model, stats)
+    kind = attention_kind(graph, gqa)
+    scores = {}
+    for i in layers:
+        allowed = set(mods[i]["out"]) if scope == "out" else None
+        for k in (kind, "ffn_channel"):
+            scores[(k, i)] = aggregate_fn(member_matrix(graph.group(k, i), elem, params=allowed), how)
+    hidden_scores = None
+    if prune_hidden:
+        hidden_scores = aggregate_fn(member_matrix(graph.group("hidden_channel", None), elem), "sum")
+    plan, info = allocate(graph, scores, target, layers=layers, hidden_scores=hidden_scores,
+                          global_score=global_score, **alloc)
+    info.update(method="wanda_sp", scope=scope, aggregate=how, gqa=gqa, layers=layers, prune_hidden=prune_hidden,
+                calibration=list(calib.shape), scores=score_summary(scores))
+    return plan, info
