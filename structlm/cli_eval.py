@@ -75,11 +75,12 @@ def format_table(results: dict, title: str = "") -> str:
         rows.append(("perplexity", f"{p['ppl']:.3f}  (window {p['window']}, {p['windows']} windows, "
                                    f"{p['tokens_scored']} tokens, {p['source']})"))
     for task, r in results.get("zero_shot", {}).items():
-        if isinstance(r, dict) and "acc" in r:
+        if task == "average":
+            rows.append(("zero-shot avg", f"acc {r['average_acc']:.4f}  (paper metrics {r['average_paper']:.4f}, "
+                                          f"{len(r['tasks'])} tasks)"))
+        else:
             norm = f" / acc_norm {r['acc_norm']:.4f}" if r.get("acc_norm") is not None else ""
             rows.append((f"{task}", f"acc {r['acc']:.4f}{norm}  (n={r['n']})"))
-        elif not isinstance(r, dict):
-            rows.append((task, f"{r:.4f}"))
     if "latency" in results:
         lat = results["latency"]
         rows.append(("prefill", f"{lat['prefill_ms']:.1f} ms  (batch {lat['batch']} x {lat['seq_len']} tokens)"))

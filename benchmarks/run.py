@@ -1,0 +1,161 @@
+"""Quality, speed and cost of structlm's methods against Torch-Pruning, in one run and one table.
+
+    .venv/bin/python benchmarks/run.py --suite layer --models smollm2-135m --targets 0.8
+    .venv/bin/python benchmarks/run.py --suite width --models smollm2-135m,gemma3-270m --targets 0.9,0.8,0.7,0.5
+    .venv/bin/python benchmarks/run.py --suite all            # everything the issues ask for (hours on 2 cores)
+
+For every model: the dense model is evaluated once; then, for every target (fraction of
+parameters kept) and every method, a fresh copy is pruned (scoring + shrinking timed, peak extra
+RAM sampled) and evaluated: held-out perplexity (window 2048 on the first --eval-tokens tokens of
+the built-in Wikipedia held-out split), zero-shot average (ARC-e, ARC-c, PIQA, HellaSwag,
+WinoGrande, BoolQ on the first --limit items each), parameters, CPU prefill and decode latency.
+The anchor, Torch-Pruning 1.6.1's own LLM recipe (structlm.anchors), runs in the same process
+on the same model, its ratio searched to the same parameter count.
+
+Rows are appended to benchmarks/results/<suite>.json as they finish (a rerun skips rows that
+are already there unless --fresh), and benchmarks/results/<suite>.md is rewritten each time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from structlm import data, evaluate, models, zeroshot
+from structlm.anchors import tp_prune_to_params
+from structlm.pipeline import PeakMemory, make_plan
+from structlm.surgery import shrink
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SUITES = {
+    "layer": ["finercut", "shortgpt", "sleb", "last_blocks", "tp:l2"],
+    "width": ["llm_pruner", "flap", "wanda_sp", "magnitude", "tp:l2", "tp:taylor-hidden-kept"],
+}
+DEFAULT_TARGETS = {"layer": [0.9, 0.8, 0.7], "width": [0.9, 0.8, 0.7, 0.5]}
+TASKS = ["arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq"]
+
+
+def evaluate_row(model, tok, args) -> dict:
+    ppl = evaluate.perplexity(model, tok, seq_len=2048, max_tokens=args.eval_tokens, progress=False)
+    row = {"ppl": ppl["ppl"], "ppl_tokens": ppl["tokens_scored"], "params": models.count_parameters(model)}
+    if args.limit:
+        zs = zeroshot.evaluate_zero_shot(model, tok, TASKS, limit=args.limit, progress=False)
+        row["zero_shot_avg"] = zs["average"]["average_acc"]
+        row["zero_shot"] = {t: zs[t]["acc"] for t in TASKS}
+    lat = evaluate.latency(model, batch_size=1, seq_len=128, decode_tokens=16, warmup=1, repeats=3, progress=False)
+    row.update(prefill_ms=lat["prefill_ms"], decode_ms=lat["decode_ms_per_token"])
+    return row
+
+
+def prune_row(method: str, dense, tok, calib, target: float) -> tuple[object, dict]:
+    """Prune a fresh copy of ``dense`` to keep ``target`` of its parameters."""
+    start = time.perf_counter()
+    with PeakMemory() as mem:
+        if method.startswith("tp:"):
+            importance = "taylor" if "taylor" in method else "l2"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model, ratio, kept = tp_prune_to_params(
+                    lambda: copy.deepcopy(dense), target, importance=importance, calib=calib[:10],
+                    prune_hidden="hidden-kept" not in method)
+            info = {"tp_ratio": round(ratio, 4), "note": "time includes the ratio search (one TP run per try)"}
+        else:
+            model = copy.deepcopy(dense)
+            plan, _, _ = make_plan(model, method=method, target=f"params={target}", calib=calib)
+            shrink(model, plan)
+            info = {"plan_meta": {k: v for k, v in plan.meta.items() if k != "removal_order"}}
+    info.update(prune_seconds=round(time.perf_counter() - start, 1), prune_peak_extra_mib=round(mem.extra_bytes / 2**20))
+    return model, info
+
+
+def write_markdown(results_dir: Path, suite: str, result: dict) -> None:
+    lines = [f"# Benchmark: {suite} methods vs Torch-Pruning", "",
+             f"Command: `{result['command']}`  ", f"Machine: {result['machine']}; torch {result['torch']}, "
+             f"{result['threads']} threads. Perplexity: held-out Wikipedia, window 2048, first {result['eval_tokens']} "
+             f"tokens. Zero-shot: mean acc over {', '.join(TASKS)}, first {result['limit']} items each "
+             f"(lm-eval-harness scoring, see docs/zero-shot.md). Latency: CPU, batch 1 x 128 prefill, "
+             f"per-token decode with KV cache. Ratios are pruned / dense.", ""]
+    for model_name, block in result["models"].items():
+        dense = block["dense"]
+        lines += [f"## {model_name}", "",
+                  f"Dense: {dense['params'] / 1e6:.1f} M params, ppl {dense['ppl']:.2f}"
+                  + (f", zero-shot avg {dense['zero_shot_avg']:.3f}" if "zero_shot_avg" in dense else "")
+                  + f", prefill {dense['prefill_ms']:.0f} ms, decode {dense['decode_ms']:.1f} ms/token.", "",
+                  "| target kept | method | params kept | ppl | ppl / dense | zero-shot avg | prefill speedup | decode speedup | prune s | prune peak extra MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for row in block["rows"]:
+            zs = f"{row['zero_shot_avg']:.3f}" if "zero_shot_avg" in row else "-"
+            lines.append(
+                f"| {row['target']:.0%} | {row['method']} | {row['params'] / dense['params']:.1%} | {row['ppl']:.4g} | "
+                f"x{row['ppl'] / dense['ppl']:.3g} | {zs} | x{dense['prefill_ms'] / row['prefill_ms']:.2f} | "
+                f"x{dense['decode_ms'] / row['decode_ms']:.2f} | {row['prune_seconds']} | {row['prune_peak_extra_mib']} |")
+        lines.append("")
+    (results_dir / f"{suite}.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=[*SUITES, "all"], required=True)
+    ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
+    ap.add_argument("--targets", default=None, help="fractions of parameters kept, comma-separated")
+    ap.add_argument("--methods", default=None, help="subset of the suite's methods, comma-separated")
+    ap.add_argument("--eval-tokens", type=int, default=32768)
+    ap.add_argument("--limit", type=int, default=100, help="zero-shot items per task (0: skip zero-shot)")
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-len", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fresh", action="store_true", help="discard earlier rows of this suite")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="output folder")
+    args = ap.parse_args(argv)
+    results_dir = args.results
+    suites = list(SUITES) if args.suite == "all" else [args.suite]
+    torch.set_num_threads(args.threads)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    for suite in suites:
+        path = results_dir / f"{suite}.json"
+        result = json.loads(path.read_text()) if path.exists() and not args.fresh else {"models": {}}
+        result.update(command="python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                      machine=f"{platform.machine()} CPU", torch=torch.__version__, threads=args.threads,
+                      eval_tokens=args.eval_tokens, limit=args.limit)
+        methods_wanted = args.methods.split(",") if args.methods else SUITES[suite]
+        targets = [float(t) for t in args.targets.split(",")] if args.targets else DEFAULT_TARGETS[suite]
+        for model_name in args.models.split(","):
+            dense, tok = models.load_model(model_name)
+            block = result["models"].setdefault(model_name, {"rows": []})
+            if "dense" not in block:
+                print(f"[{suite}] {model_name}: evaluating dense", flush=True)
+                block["dense"] = evaluate_row(dense, tok, args)
+            calib = data.calibration_samples(tok, args.calib_samples, args.calib_len)
+            for target in targets:
+                for method in methods_wanted:
+                    if any(r["method"] == method and r["target"] == target for r in block["rows"]):
+                        continue
+                    print(f"[{suite}] {model_name}: {method} keeping {target:.0%}", flush=True)
+                    try:
+                        model, info = prune_row(method, dense, tok, calib, target)
+                        row = {"method": method, "target": target, **info, **evaluate_row(model, tok, args)}
+                        del model
+                    except Exception as e:  # a failing method is a result too; the run goes on
+                        row = {"method": method, "target": target, "error": f"{type(e).__name__}: {e}",
+                               "ppl": math.nan, "params": math.nan, "prefill_ms": math.nan, "decode_ms": math.nan,
+                               "prune_seconds": "-", "prune_peak_extra_mib": "-"}
+                    block["rows"].append(row)
+                    print(f"    {json.dumps({k: v for k, v in row.items() if k != 'zero_shot'}, default=str)}", flush=True)
+                    path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+                    write_markdown(results_dir, suite, result)
+            path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+            write_markdown(results_dir, suite, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
