@@ -117,6 +117,9 @@ def run(args) -> int:
               "total_seconds": None}
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     export.save(model, tokenizer, args.out, plan=plan, recipe=recipe, report=report, force=args.force)
+    if plan.removed_blocks or any(not lp.attention or not lp.ffn for lp in plan.layers.values()):
+        from .figures import plot_removed
+        plot_removed(plan, graph, args.out / "removed.png")  # removed sublayers/blocks, numbered by order
     print(_table(before, after or {}, result.stats) if before else
           f"  params {result.stats['params_before']:,} -> {result.stats['params_after']:,}")
     print(f"saved to {args.out} ({json.loads((args.out / 'report.json').read_text())['format']} checkpoint)")

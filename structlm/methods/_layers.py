@@ -278,6 +278,10 @@ class CalibrationNLL:
         return float(nll), ids[:, 1:].numel()
 
 
+def _sig(x: float, digits: int = 7) -> float:
+    return float(f"{x:.{digits}g}")
+
+
 def score_candidate(trace: Trace, scorer, unit) -> float:
     total, count = 0.0, 0
     skip = frozenset(skip_set(unit))
@@ -416,12 +420,12 @@ def greedy_remove(runner: LayerRunner, graph, target: Target, calib: torch.Tenso
         record = {"step": len(steps) + 1, "layer": chosen[0], "sublayer": chosen[1],
                   "score": confirmed[chosen] if confirmed else fresh[chosen],
                   "screen_score": fresh[chosen], "evaluated": len(fresh), "skipped_lazily": len(order) - len(fresh),
-                  "candidate_scores": {f"{i}.{k}": round(v, 6) for (i, k), v in sorted(fresh.items())},
+                  "candidate_scores": {f"{i}.{k}": _sig(v) for (i, k), v in sorted(fresh.items())},
                   "forwards": round(passes / full_forward, 3),
                   "head_tokens": runner.head_tokens - step_head,
                   "seconds": round(time.perf_counter() - step_start, 2)}
         if confirmed:
-            record["confirm_scores"] = {f"{i}.{k}": round(v, 6) for (i, k), v in confirmed.items()}
+            record["confirm_scores"] = {f"{i}.{k}": _sig(v) for (i, k), v in confirmed.items()}
         steps.append(record)
         if progress:
             tqdm.write(f"{name} step {record['step']}: removed layer {chosen[0]} {chosen[1]} "
