@@ -1,0 +1,430 @@
+"""Width methods (magnitude, wanda_sp, flap, llm_pruner): scores on hand-computable cases,
+allocation, FLAP's bias compensation, the model left unchanged, save/reload of every output."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from structlm import export, methods, surgery
+from structlm.graph import build_graph
+from structlm.methods import _width
+from structlm.methods._width import WidthError, aggregate, allocate, member_vector, parse_layers
+from structlm.methods.flap import compensation
+from structlm.methods.llm_pruner import lm_loss_backward, taylor_scores
+from structlm.methods.magnitude import magnitude_scores
+from structlm.pipeline import make_plan
+from structlm.plan import PlanError, PrunePlan
+from tiny_models import FAMILIES, tiny_inputs, tiny_model
+
+WIDTH_METHODS = ("magnitude", "wanda_sp", "flap", "llm_pruner")
+
+
+def calib_for(model, n=4, length=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, model.config.vocab_size, (n, length), generator=g)
+
+
+def snapshot(model):
+    return {n: (p.detach().clone(), p.requires_grad, p.grad) for n, p in model.named_parameters()}
+
+
+def assert_unchanged(model, before):
+    after = dict(model.named_parameters())
+    assert set(after) == set(before)
+    for n, (value, rg, grad) in before.items():
+        assert torch.equal(after[n].detach(), value), n
+        assert after[n].requires_grad == rg and after[n].grad is grad, n
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks and "forward" not in m.__dict__
+    assert not model.training
+
+
+# ---- building blocks, by hand ----------------------------------------------------------------
+
+def test_parse_layers():
+    assert parse_layers(None, 6) == list(range(6))
+    assert parse_layers("4:-2", 30) == list(range(4, 28))
+    assert parse_layers("1,3", 6) == [1, 3]
+    with pytest.raises(WidthError, match="out of range"):
+        parse_layers([7], 6)
+
+
+def test_member_vector_element_wise_and_vector_wise():
+    from structlm.graph.model import Member
+
+    w = torch.tensor([[1.0, -1.0], [2.0, 2.0], [0.5, 0.5], [3.0, 0.0]])
+    g = torch.tensor([[1.0, 1.0], [1.0, -1.0], [2.0, 2.0], [1.0, 1.0]])
+    rows = Member("x.weight", 0, 0, 2, (4, 2))  # units of 2 rows: rows 0-1 and rows 2-3
+    salience = w * g                          # [[1, -1], [2, -2], [1, 1], [3, 0]]
+    assert member_vector(salience.abs(), rows, 2).tolist() == [6.0, 5.0]          # sum |w g|
+    assert member_vector(salience, rows, 2, vectorize=True).tolist() == [0.0, 5.0]  # sum_rows |sum_row w g|
+    cols = Member("x.weight", 1, 0, 1, (4, 2))
+    assert member_vector(salience.abs(), cols, 2).tolist() == [7.0, 4.0]
+
+
+def test_aggregations():
+    m = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.5, 1.0]], dtype=torch.float64)
+    assert aggregate(m, "sum").tolist() == [5.0, 2.5, 4.0]
+    assert aggregate(m, "mean").tolist() == [2.5, 1.25, 2.0]
+    assert aggregate(m, "max").tolist() == [4.0, 2.0, 3.0]
+    assert aggregate(m, "prod").tolist() == [4.0, 1.0, 3.0]
+    assert aggregate(m, "last").tolist() == [4.0, 0.5, 1.0]
+    with pytest.raises(WidthError):
+        aggregate(m, "median")
+
+
+def test_magnitude_ffn_channels_by_hand():
+    model = tiny_model("llama")
+    graph = build_graph(model)
+    mlp = model.model.layers[0].mlp
+    hidden, inter = graph.hidden, graph.intermediate
+    with torch.no_grad():
+        mlp.gate_proj.weight.copy_(torch.arange(1.0, inter + 1).unsqueeze(1).expand(inter, hidden))  # row c = c + 1
+        mlp.up_proj.weight.zero_()
+        mlp.down_proj.weight.fill_(-2.0)
+    l1 = magnitude_scores(model, graph, [0], p=1)[("ffn_channel", 0)]
+    l2 = magnitude_scores(model, graph, [0], p=2)[("ffn_channel", 0)]
+    c = torch.arange(1.0, inter + 1, dtype=torch.float64)
+    torch.testing.assert_close(l1, c * hidden + 2.0 * hidden)
+    torch.testing.assert_close(l2, torch.sqrt(c ** 2 * hidden + 4.0 * hidden))
+
+
+def test_magnitude_kv_group_covers_its_query_heads_k_v_and_o_columns():
+    model = tiny_model("llama")
+    graph = build_graph(model)
+    att = model.model.layers[1].self_attn
+    hd, rep = graph.head_dim, graph.n_heads // graph.n_kv
+    s = magnitude_scores(model, graph, [1], p=2)[("kv_group", 1)]
+    for g in range(graph.n_kv):
+        q = att.q_proj.weight[g * rep * hd:(g + 1) * rep * hd]
+        k = att.k_proj.weight[g * hd:(g + 1) * hd]
+        v = att.v_proj.weight[g * hd:(g + 1) * hd]
+        o = att.o_proj.weight[:, g * rep * hd:(g + 1) * rep * hd]
+        expect = math.sqrt(sum(float(t.detach().double().square().sum()) for t in (q, k, v, o)))
+        assert s[g].item() == pytest.approx(expect, rel=1e-6)
+
+
+def test_wanda_sp_is_weight_times_input_norm():
+    model = tiny_model("llama")
+    graph = build_graph(model)
+    calib = calib_for(model)
+    seen = []
+    h = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(calib)
+    h.remove()
+    x_norm = torch.cat(seen).double().norm(dim=0)
+    plan, info = methods.get("wanda_sp")(model, graph, "params=0.8", calib, layers=[0])
+    w = model.model.layers[0].mlp.down_proj.weight.detach().double()
+    expect = x_norm * w.abs().sum(0)  # channel c: ||X_c|| * sum_i |W[i, c]|
+    from structlm.methods.wanda_sp import InputStats, wanda_elements
+    stats = InputStats(model, ["model.layers.0.mlp.down_proj"]).collect(calib)
+    elem = wanda_elements(model, stats)("model.layers.0.mlp.down_proj.weight")
+    torch.testing.assert_close(elem.double().sum(0), expect, rtol=1e-5, atol=1e-6)
+    kept = plan.kept_ffn(graph, 0)
+    removed = sorted(set(range(graph.intermediate)) - set(kept))
+    assert expect[removed].max() <= expect[kept].min() + 1e-9  # the lowest-scored channels go
+
+
+def test_taylor_matches_direct_autograd():
+    """param_first / vectorize / param_second from the formulas with plain autograd."""
+    model = tiny_model("llama")
+    graph = build_graph(model)
+    calib = calib_for(model, n=3)
+    model.zero_grad(set_to_none=True)
+    model(calib, labels=calib).loss.backward()  # batch mean loss = mean of per-sample losses
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    fisher = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for s in range(3):
+        model.zero_grad(set_to_none=True)
+        model(calib[s:s + 1], labels=calib[s:s + 1]).loss.backward()
+        for n, p in model.named_parameters():
+            fisher[n] += p.grad.square() / 3
+    model.zero_grad(set_to_none=True)
+    mlp = "model.layers.1.mlp."
+    w = {k: dict(model.named_parameters())[mlp + k + ".weight"].detach() for k in ("gate_proj", "up_proj", "down_proj")}
+    g = {k: grads[mlp + k + ".weight"] for k in w}
+    f = {k: fisher[mlp + k + ".weight"] for k in w}
+    first = (w["gate_proj"] * g["gate_proj"]).abs().sum(1) + (w["up_proj"] * g["up_proj"]).abs().sum(1) \
+        + (w["down_proj"] * g["down_proj"]).abs().sum(0)
+    vector = (w["gate_proj"] * g["gate_proj"]).sum(1).abs() + (w["up_proj"] * g["up_proj"]).sum(1).abs() \
+        + (w["down_proj"] * g["down_proj"]).sum(0).abs()
+    second = (w["gate_proj"] ** 2 * f["gate_proj"]).sum(1) + (w["up_proj"] ** 2 * f["up_proj"]).sum(1) \
+        + (w["down_proj"] ** 2 * f["down_proj"]).sum(0)
+    last = (w["down_proj"] * g["down_proj"]).abs().sum(0)
+    for taylor, how, expect in (("param_first", "sum", first), ("vectorize", "sum", vector),
+                                ("param_second", "sum", second), ("param_first", "last", last)):
+        with _width.model_state_guard(model) as handles:
+            scores, _ = taylor_scores(model, graph, calib, [0, 1], taylor=taylor, aggregate=how, handles=handles)
+        torch.testing.assert_close(scores[("ffn_channel", 1)], expect.double(), rtol=1e-4, atol=1e-9)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
+def test_taylor_without_checkpointing_gives_the_same_scores():
+    model = tiny_model("qwen2")
+    graph = build_graph(model)
+    calib = calib_for(model, n=2)
+    out = []
+    for ckpt in (True, False):
+        with _width.model_state_guard(model) as handles:
+            out.append(taylor_scores(model, graph, calib, [0, 1], checkpoint=ckpt, handles=handles)[0])
+    for key in out[0]:
+        torch.testing.assert_close(out[0][key], out[1][key], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_loss_equals_the_model_loss(family):
+    model = tiny_model(family)
+    ids = calib_for(model, n=2, length=11)
+    with torch.no_grad():
+        ref = model(ids, labels=ids).loss.item()
+    with _width.model_state_guard(model):
+        loss = lm_loss_backward(model, ids, chunk=3)
+    assert loss == pytest.approx(ref, rel=1e-5)
+
+
+# ---- FLAP ----------------------------------------------------------------------------------------
+
+def test_flap_compensation_by_hand():
+    w = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    mean = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    assert compensation(w, 1, mean, [1]).tolist() == [-2.0, -4.0]
+    assert compensation(w.T, 0, mean, [1]).tolist() == [-2.0, -4.0]  # Conv1D layout [in, out]
+    assert compensation(w, 1, mean, []).tolist() == [0.0, 0.0]
+
+
+def test_flap_bias_keeps_the_mean_output_of_pruned_projections():
+    model = tiny_model("llama", num_hidden_layers=3)
+    graph = build_graph(model)
+    calib = calib_for(model, n=6, length=16)
+    plan, info = methods.get("flap")(model, graph, "params=0.7", calib, allocation="uniform")
+    assert info["bias_compensation"] is True and plan.biases
+    names = ["model.layers.%d.self_attn.o_proj" % i for i in range(3)] + ["model.layers.%d.mlp.down_proj" % i for i in range(3)]
+    inputs = {n: [] for n in names}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: inputs[n].append(a[0].reshape(-1, a[0].shape[-1]))) for n in names]
+    with torch.no_grad():
+        model(calib)
+    for h in hooks:
+        h.remove()
+    checked = 0
+    for n in names:
+        bias = plan.biases.get(n + ".bias")
+        if bias is None:
+            continue
+        x = torch.cat(inputs[n]).double()
+        w = model.get_submodule(n).weight.detach().double()
+        i = int(n.split(".")[2])
+        if "o_proj" in n:
+            kept = [h * graph.head_dim + d for h in plan.kept_heads(graph, i) for d in range(graph.head_dim)]
+        else:
+            kept = plan.kept_ffn(graph, i)
+        dense = (x @ w.T).mean(0)
+        pruned = (x[:, kept] @ w[:, kept].T + torch.tensor(bias, dtype=torch.float64)).mean(0)
+        torch.testing.assert_close(pruned, dense, atol=1e-5, rtol=0)
+        checked += 1
+    assert checked >= 3
+
+
+def test_flap_pruned_tiny_llama_saves_and_reloads_with_equal_logits(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    for allocation in ("uniform", "global"):
+        model = tiny_model("llama", num_hidden_layers=3)
+        graph = build_graph(model)
+        calib = calib_for(model, n=4, length=16)
+        plan, _ = methods.get("flap")(model, graph, "params=0.75", calib, allocation=allocation, align=1)
+        assert plan.biases
+        ids = tiny_inputs(model.config)
+        masked = surgery.mask(copy.deepcopy(model), plan, graph)
+        surgery.shrink(model, plan, graph)
+        with torch.no_grad():
+            ref = model(ids).logits
+            torch.testing.assert_close(masked(ids).logits, ref, atol=1e-5, rtol=0)
+        assert model.config.attention_bias and model.config.mlp_bias
+        out = export.save(model, None, tmp_path / allocation, plan=plan)
+        assert PrunePlan.load(out / "plan.json").biases == plan.to_dict()["biases"]
+        reloaded = [export.load(out)]
+        if allocation == "uniform":
+            reloaded.append(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval())
+        for loaded in reloaded:
+            with torch.no_grad():
+                torch.testing.assert_close(loaded(ids).logits, ref, atol=1e-5, rtol=0)
+
+
+def test_plan_biases_json_and_validation():
+    model = tiny_model("llama")
+    graph = build_graph(model)
+    name = "model.layers.0.mlp.down_proj.bias"
+    plan = PrunePlan(biases={name: [0.5] * graph.hidden}, family="llama")
+    again = PrunePlan.from_dict(__import__("json").loads(plan.to_json()))
+    assert again.biases == plan.biases and again.validate(graph)
+    assert "biases" not in PrunePlan().to_dict()  # plans without biases keep their old JSON
+    for bad, msg in (({"model.layers.0.mlp.up_proj.bias": [0.0] * graph.hidden}, "output projection"),
+                     ({name: [0.0] * 3}, "values for"),):
+        with pytest.raises(PlanError, match=msg):
+            PrunePlan(biases=bad).validate(graph)
+    from structlm.plan import LayerPlan
+    with pytest.raises(PlanError, match="removed ffn"):
+        PrunePlan(layers={0: LayerPlan(ffn=False)}, biases={name: [0.0] * graph.hidden}).validate(graph)
+    with pytest.raises(PlanError, match="cannot express"):
+        m = tiny_model("mistral")
+        g = build_graph(m)
+        surgery.shrink(m, PrunePlan(biases={"model.layers.0.mlp.down_proj.bias": [0.0] * g.hidden}), g)
+
+
+def test_flap_refuses_hidden_and_skips_bias_where_the_family_cannot_hold_it():
+    model = tiny_model("mistral")
+    graph = build_graph(model)
+    calib = calib_for(model)
+    with pytest.raises(WidthError, match="hidden"):
+        methods.get("flap")(model, graph, "params=0.8", calib, prune_hidden=True)
+    plan, info = methods.get("flap")(model, graph, "params=0.8", calib)
+    assert not plan.biases and "skipped" in info["bias_compensation"]
+    with pytest.raises(WidthError, match="no bias"):
+        methods.get("flap")(model, graph, "params=0.8", calib, bias=True)
+
+
+# ---- allocation ---------------------------------------------------------------------------------
+
+def _scores(graph, layers, low_layer=None, kind="kv_group"):
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for i in layers:
+        scale = 1e-6 if i == low_layer else 1.0
+        out[(kind, i)] = (torch.rand(graph.count(kind, i), generator=g) + 0.1) * scale
+        out[("ffn_channel", i)] = (torch.rand(graph.intermediate, generator=g) + 0.1) * scale
+    return out
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global", "schedule"])
+def test_allocation_meets_the_target_closely(allocation):
+    model = tiny_model("mistral", num_hidden_layers=4)
+    graph = build_graph(model)
+    layers = [0, 1, 2, 3]
+    kw = {"schedule": [0.0, 1.0, 2.0, 1.0]} if allocation == "schedule" else {}
+    plan, info = allocate(graph, _scores(graph, layers), "params=0.8", allocation=allocation, layers=layers, **kw)
+    cost = plan.cost(graph)["params_ratio"]
+    assert 0.75 < cost <= 0.8
+    widths = [(r["heads"], r["ffn_channels"]) for r in plan.shapes(graph)]
+    assert all(f % 8 == 0 for _, f in widths)
+    if allocation == "uniform":
+        assert len(set(widths)) == 1
+    if allocation == "schedule":
+        assert widths[0] == (graph.n_heads, graph.intermediate)  # weight 0: untouched
+        assert widths[2][1] <= widths[1][1]
+
+
+def test_global_allocation_keeps_floors_and_never_empties_a_layer():
+    model = tiny_model("mistral", num_hidden_layers=3)
+    graph = build_graph(model)
+    scores = _scores(graph, [0, 1, 2], low_layer=1)
+    plan, _ = allocate(graph, scores, "params=0.6", allocation="global", layers=[0, 1, 2])
+    assert plan.layer(1).kv_groups is not None and len(plan.layer(1).kv_groups) == 1
+    assert len(plan.kept_ffn(graph, 1)) == 8  # the floor: one aligned block of channels
+    plan, _ = allocate(graph, scores, "params=0.6", allocation="global", layers=[0, 1, 2], floor=0.5)
+    assert len(plan.kept_ffn(graph, 1)) >= graph.intermediate // 2
+    plan, _ = allocate(graph, scores, "params=0.6", allocation="global", layers=[0, 1, 2], remove_sublayers=True)
+    assert not plan.layer(1).attention and not plan.layer(1).ffn  # intended sublayer removal
+    with pytest.raises(WidthError, match="out of reach"):
+        allocate(graph, scores, "params=0.05", allocation="global", layers=[0, 1, 2])
+
+
+def test_query_heads_mode_removes_heads_evenly_from_every_kv_group():
+    model = tiny_model("llama")  # 9 heads in 3 KV groups
+    graph = build_graph(model)
+    scores = {("query_head", 0): torch.tensor([5, 1, 9, 8, 7, 0.5, 3, 2, 6.0]),
+              ("ffn_channel", 0): torch.ones(graph.intermediate)}
+    plan, _ = allocate(graph, scores, "params=0.9", layers=[0], attn_ratio=0.34, align=1)
+    assert plan.layer(0).query_heads == [0, 2, 3, 4, 6, 8]  # the lowest head of each group goes
+    plan.validate(graph)
+
+
+# ---- every method, every family: plans are valid, the model is unchanged ------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", WIDTH_METHODS)
+def test_methods_on_every_family_leave_the_model_unchanged(family, method):
+    model = tiny_model(family)
+    graph = build_graph(model)
+    before = snapshot(model)
+    options = {"gqa": "query_heads"} if family in ("llama", "qwen2") else {}
+    plan, info, _ = make_plan(model, method=method, target="params=0.8", calib=calib_for(model), graph=graph,
+                              options=options)
+    assert_unchanged(model, before)
+    assert 0.7 < plan.cost(graph)["params_ratio"] <= 0.8
+    __import__("json").dumps(info)
+    shrunk = surgery.shrink(copy.deepcopy(model), plan, graph)
+    assert sum(p.numel() for p in shrunk.parameters()) <= 0.801 * graph.total_params
+
+
+def test_model_restored_when_scoring_fails(monkeypatch):
+    model = tiny_model("llama")
+    graph = build_graph(model)
+    before = snapshot(model)
+    import structlm.methods.llm_pruner as lp
+
+    calls = []
+
+    def boom(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real(*a, **k)
+    real = lp.lm_loss_backward
+    monkeypatch.setattr(lp, "lm_loss_backward", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        methods.get("llm_pruner")(model, graph, "params=0.8", calib_for(model))
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda_sp", "llm_pruner"])
+def test_hidden_channels_optional(method):
+    model = tiny_model("llama")
+    graph = build_graph(model)
+    calib = calib_for(model)
+    plan, _ = methods.get(method)(model, graph, "params=0.8", calib)
+    assert plan.hidden_channels is None  # off by default
+    plan, info = methods.get(method)(model, graph, "params=0.7", calib, prune_hidden=True)
+    assert plan.hidden_channels is not None and len(plan.hidden_channels) % 8 == 0
+    assert len(plan.hidden_channels) < graph.hidden and info["hidden_ratio"] > 0
+    shrunk = surgery.shrink(copy.deepcopy(model), plan, graph)
+    assert shrunk.config.hidden_size == len(plan.hidden_channels)
+
+
+@pytest.mark.parametrize("method", WIDTH_METHODS)
+def test_every_method_output_saves_and_reloads(method, tmp_path):
+    model = tiny_model("llama", num_hidden_layers=3)
+    graph = build_graph(model)
+    plan, _, _ = make_plan(model, method=method, target="params=0.75", calib=calib_for(model), graph=graph)
+    surgery.shrink(model, plan, graph)
+    ids = tiny_inputs(model.config)
+    with torch.no_grad():
+        ref = model(ids).logits
+    out = export.save(model, None, tmp_path / method, plan=plan)
+    with torch.no_grad():
+        torch.testing.assert_close(export.load(out)(ids).logits, ref, atol=1e-5, rtol=0)
+
+
+def test_cli_flags_become_options():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    _width.add_method_args(p)
+    args = p.parse_args(["--prune-hidden", "--gqa", "query_heads", "--allocation", "schedule", "--schedule", "1,2",
+                         "--layers", "4:-2", "--taylor", "vectorize"])
+    assert _width.method_options(args) == {"prune_hidden": True, "gqa": "query_heads", "allocation": "schedule",
+                                           "layers": "4:-2", "taylor": "vectorize", "schedule": [1.0, 2.0]}
+    assert _width.method_options(p.parse_args([])) == {}
+
+
+def test_unknown_options_are_refused():
+    model = tiny_model("llama")
+    with pytest.raises(WidthError, match="unknown option"):
+        methods.get("magnitude")(model, build_graph(model), "params=0.8", None, colour="blue")
+    with pytest.raises(WidthError, match="params target"):
+        methods.get("magnitude")(model, build_graph(model), "blocks=1", None)
