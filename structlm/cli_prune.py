@@ -42,6 +42,9 @@ def register(subparsers) -> None:
     ev.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens for perplexity")
     ev.add_argument("--seq-len", type=int, default=2048, help="perplexity window")
     ev.add_argument("--latency-seq", type=int, default=128, help="latency prompt length")
+    from .methods._width import add_method_args  # width-method flags (--prune-hidden, --gqa, ...)
+
+    add_method_args(p)
     p.set_defaults(func=run)
 
 
@@ -79,6 +82,12 @@ def _table(before: dict | None, after: dict, stats: dict) -> str:
     return "\n".join(lines)
 
 
+def _width_options(args) -> dict:
+    from .methods._width import method_options
+
+    return method_options(args)
+
+
 def run(args) -> int:
     from . import export
     from .graph import build_graph
@@ -96,7 +105,7 @@ def run(args) -> int:
         calib = data.calibration_samples(tokenizer, args.calib_samples, args.calib_len, source=args.calib_data,
                                          seed=args.seed).to(args.device)
     plan, info, score_stats = make_plan(model, method=args.method, target=args.target, calib=calib, plan=plan,
-                                        align=args.align, graph=graph)
+                                        align=args.align, graph=graph, options=_width_options(args))
     print(plan.summary_text(graph))
     if args.dry_run:
         return 0

@@ -420,6 +420,11 @@ def test_cli_flags_become_options():
     assert _width.method_options(args) == {"prune_hidden": True, "gqa": "query_heads", "allocation": "schedule",
                                            "layers": "4:-2", "taylor": "vectorize", "schedule": [1.0, 2.0]}
     assert _width.method_options(p.parse_args([])) == {}
+    args = p.parse_args(["--gqa", "query_heads"])
+    args.method, args.align = "sleb", 16
+    assert _width.method_options(args) == {}  # other methods get nothing
+    args.method = "flap"
+    assert _width.method_options(args) == {"gqa": "query_heads", "align": 16}
 
 
 def test_unknown_options_are_refused():

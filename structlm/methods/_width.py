@@ -58,23 +58,35 @@ def parse_layers(spec, n_layers: int) -> list[int]:
 def add_method_args(parser) -> None:
     """CLI flags of the width methods (``structlm prune --method magnitude|wanda_sp|flap|llm_pruner``).
     :func:`method_options` turns the parsed namespace into ``make_plan(options=...)``."""
-    g = parser.add_argument_group("width methods (magnitude, wanda_sp, flap, llm_pruner)")
-    g.add_argument("--prune-hidden", action="store_true", default=None,
+    import argparse
+
+    g = parser.add_argument_group("width methods (magnitude, wanda_sp, flap, llm_pruner; defaults: the method's, "
+                                  "docs/width-methods.md)")
+    g.add_argument("--prune-hidden", action="store_true", default=argparse.SUPPRESS,
                    help="also remove residual (hidden) channels, Torch-Pruning/Sheared-LLaMA style (off by default)")
-    g.add_argument("--gqa", choices=GQA_MODES, default=None,
+    g.add_argument("--gqa", choices=GQA_MODES, default=argparse.SUPPRESS,
                    help="remove whole KV groups, or query heads evenly from every KV group")
-    g.add_argument("--allocation", choices=ALLOCATIONS, default=None,
+    g.add_argument("--allocation", choices=ALLOCATIONS, default=argparse.SUPPRESS,
                    help="uniform ratio per layer, a per-layer --schedule, or one global ranking with floors")
-    g.add_argument("--schedule", default=None, help="comma-separated relative removal per layer (allocation=schedule)")
-    g.add_argument("--layers", default=None, help="prunable layers: 'all', a slice '4:-2' or a list '3,4,5'")
-    g.add_argument("--aggregate", choices=AGGREGATIONS, default=None, help="how a unit's member scores combine")
-    g.add_argument("--taylor", default=None, help="llm_pruner: param_first | vectorize | param_second | param_mix")
-    g.add_argument("--max-samples", type=int, default=None, help="llm_pruner: calibration samples used (paper: 10)")
+    g.add_argument("--schedule", default=argparse.SUPPRESS, help="comma-separated relative removal per layer (allocation=schedule)")
+    g.add_argument("--layers", default=argparse.SUPPRESS, help="prunable layers: 'all', a slice '4:-2' or a list '3,4,5'")
+    g.add_argument("--aggregate", choices=AGGREGATIONS, default=argparse.SUPPRESS, help="how a unit's member scores combine")
+    g.add_argument("--taylor", default=argparse.SUPPRESS, help="llm_pruner: param_first | vectorize | param_second | param_mix")
+    g.add_argument("--max-samples", type=int, default=argparse.SUPPRESS, help="llm_pruner: calibration samples used (paper: 10)")
+
+
+WIDTH_METHODS = ("magnitude", "wanda_sp", "flap", "llm_pruner")
 
 
 def method_options(args) -> dict:
-    """Options for the width methods from the CLI namespace (only the flags given)."""
+    """Options for the width methods from the CLI namespace (only the flags given; empty for
+    other methods).  ``--align`` also goes to the method, which aligns with its scores."""
+    method = getattr(args, "method", None)
+    if method is not None and method not in WIDTH_METHODS:
+        return {}
     out = {}
+    if getattr(args, "align", None) is not None:
+        out["align"] = args.align
     for key in ("prune_hidden", "gqa", "allocation", "layers", "aggregate", "taylor", "max_samples"):
         value = getattr(args, key, None)
         if value is not None:
