@@ -18,7 +18,7 @@ with ``prune_hidden``.
 
 Memory: only the scored projections require grad (embeddings, norms and the LM head do not,
 unless hidden channels are scored), samples go one at a time and the LM head + loss run in
-chunks of ``loss_chunk`` tokens, so the extra memory is one gradient copy of the scored weights
+chunks of ``loss_chunk`` positions, so the extra memory is one gradient copy of the scored weights
 (``param_first``/``vectorize``; ``param_second`` keeps the Fisher instead; ``param_mix`` both)
 plus one sample's activations: decoder layers are checkpointed (``checkpoint=True``: each
 layer's activations are recomputed in backward, about a third more compute for a few MB instead
@@ -26,7 +26,7 @@ of hundreds).  The model's requires_grad flags, grads and train flag are
 restored afterwards.
 
 Options: ``taylor`` ("param_first"), ``aggregate`` ("sum"), ``max_samples`` (10), ``loss_chunk``
-(128), ``checkpoint`` (True) and the allocation options of :func:`structlm.methods._width.allocate`.
+(32), ``checkpoint`` (True) and the allocation options of :func:`structlm.methods._width.allocate`.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def checkpoint_layers(model, first: int, handles: list) -> None:
 
 
 def taylor_scores(model, graph, calib: torch.Tensor, layers: list[int], *, taylor: str = "param_first",
-                  gqa: str = "kv_groups", aggregate: str = "sum", hidden: bool = False, loss_chunk: int = 128,
+                  gqa: str = "kv_groups", aggregate: str = "sum", hidden: bool = False, loss_chunk: int = 32,
                   checkpoint: bool = True, handles: list | None = None) -> tuple[dict, dict]:
     """Unit scores from gradients of the LM loss on ``calib`` [S, L] (one sample at a time).
     Call inside :func:`model_state_guard` (it changes requires_grad and grads)."""
@@ -182,7 +182,7 @@ def llm_pruner(model, graph, target, calib, **options):
     taylor = options.pop("taylor", "param_first")
     how = options.pop("aggregate", "sum")
     max_samples = options.pop("max_samples", 10)
-    loss_chunk = int(options.pop("loss_chunk", 128))
+    loss_chunk = int(options.pop("loss_chunk", 32))
     checkpoint = bool(options.pop("checkpoint", True))
     global_score = options.pop("global_score", "density")
     reject_unknown("llm_pruner", options)
