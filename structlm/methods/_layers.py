@@ -397,12 +397,16 @@ def greedy_remove(runner: LayerRunner, graph, target: Target, calib: torch.Tenso
         step_start, step_passes, step_head = time.perf_counter(), runner.layer_passes, runner.head_tokens
         order = sorted(remaining, key=lambda c: (stale.get(c, -math.inf), c))
         fresh: dict = {}
+        drops = 0
         bar = tqdm(total=len(order), desc=f"{name} step {len(steps) + 1}", unit="cand", disable=not progress,
                    leave=False)
         for c in order:
             if lazy and fresh and c in stale and stale[c] >= min(fresh.values()):
                 break
-            fresh[c] = stale[c] = score_candidate(screen, screen_scorer, c)
+            fresh[c] = score_candidate(screen, screen_scorer, c)
+            if c in stale and fresh[c] < stale[c]:
+                drops += 1   # the lazy bound's assumption failed for c (its score fell)
+            stale[c] = fresh[c]
             bar.update(1)
             bar.set_postfix(best=f"{min(fresh.values()):.4g}")
         bar.close()
@@ -421,6 +425,7 @@ def greedy_remove(runner: LayerRunner, graph, target: Target, calib: torch.Tenso
                   "score": confirmed[chosen] if confirmed else fresh[chosen],
                   "screen_score": fresh[chosen], "evaluated": len(fresh), "skipped_lazily": len(order) - len(fresh),
                   "candidate_scores": {f"{i}.{k}": _sig(v) for (i, k), v in sorted(fresh.items())},
+                  "score_drops": drops,
                   "forwards": round(passes / full_forward, 3),
                   "head_tokens": runner.head_tokens - step_head,
                   "seconds": round(time.perf_counter() - step_start, 2)}
