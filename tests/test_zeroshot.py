@@ -304,8 +304,8 @@ def test_smollm2_prompt_tokens_and_sharing(smollm2):
     ctx, cont = zs.encode_pair(tok, "Question: Which is a gas?\nAnswer: ", "steam")
     assert tok.decode(ctx) == "Question: Which is a gas?\nAnswer:" and tok.decode(cont) == " steam"
     requests = [("Question: Which is a gas?\nAnswer:", " " + c) for c in ["rock", "liquid water", "steam"]]
-    requests.append(("The capital of France is", " Paris"))
+    requests += [("The capital of France is", " Paris"), ("The capital of France is", " a banana")]
     shared = zs.loglikelihoods(model, tok, requests, batch_size=8)
     alone = [zs.loglikelihoods(model, tok, [r], batch_size=1, share_context=False)[0] for r in requests]
     assert shared == pytest.approx(alone, abs=1e-3)
-    assert shared[2] > shared[0]  # steam is the gas
+    assert shared[3] > shared[4] + 3  # a sanity check of the model, not of the split
