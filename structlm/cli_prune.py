@@ -55,9 +55,10 @@ def _check_args(args) -> None:
         raise ValueError("give either --plan or --method/--target, not both")
     if not args.dry_run and args.out is None:
         raise ValueError("--out DIR is required (or use --dry-run)")
-    if args.out is not None and args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) \
-            and not args.force and not args.dry_run:
-        raise FileExistsError(f"output path {args.out} exists and is not empty; choose another path or pass --force")
+    if args.out is not None and not args.dry_run:
+        from .export import check_output_path
+
+        check_output_path(args.out, args.force)
     if args.method:
         from .targets import parse_target
 

@@ -138,7 +138,8 @@ def remote_code(model) -> str:
             f"        apply_layout(self, getattr(config, 'structlm', None))\n")
 
 
-def _prepare_out(out: Path, force: bool) -> None:
+def check_output_path(out: Path, force: bool) -> None:
+    """Refuse a non-empty output path unless ``force`` (checked before any work, and again on save)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not force:
             raise FileExistsError(f"output path {out} exists and is not empty; choose another path or pass "
@@ -150,7 +151,7 @@ def save(model, tokenizer, out, *, plan=None, recipe: dict | None = None, report
     """Write the checkpoint into a temporary folder beside ``out`` and rename it into place,
     so that ``out`` is either absent/untouched or complete."""
     out = Path(out)
-    _prepare_out(out, force)
+    check_output_path(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     config = stock_config(model)
     kind = "uniform" if config is not None else "heterogeneous"
