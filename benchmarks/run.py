@@ -32,8 +32,11 @@ import torch
 
 from structlm import data, evaluate, models, zeroshot
 from structlm.anchors import tp_prune_to_params
+from structlm.graph import build_graph
+from structlm.methods._layers import finish_plan, target_reached
 from structlm.pipeline import PeakMemory, make_plan
 from structlm.surgery import shrink
+from structlm.targets import parse_target
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SUITES = {
@@ -41,6 +44,11 @@ SUITES = {
     "width": ["llm_pruner", "flap", "wanda_sp", "magnitude", "tp:l2", "tp:taylor-hidden-kept"],
 }
 DEFAULT_TARGETS = {"layer": [0.9, 0.8, 0.7], "width": [0.9, 0.8, 0.7, 0.5]}
+# Options the benchmark passes (stated in the results); methods not listed run with their defaults.
+METHOD_OPTIONS = {"sleb": {"screen_samples": 8, "lazy": True, "dtype": "auto"}}
+# Greedy searches are sequential: the plan for a milder target is a prefix of the plan for a
+# harsher one, so one search to the harshest target gives every row (time: up to that step).
+GREEDY = ("finercut", "sleb")
 TASKS = ["arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq"]
 
 
@@ -56,7 +64,29 @@ def evaluate_row(model, tok, args) -> dict:
     return row
 
 
-def prune_row(method: str, dense, tok, calib, target: float) -> tuple[object, dict]:
+class GreedyRun:
+    """One greedy search to the harshest target; plans for milder targets are its prefixes."""
+
+    def __init__(self, method: str, dense, calib, target: float):
+        self.graph = build_graph(dense)
+        self.method = method
+        with PeakMemory() as mem:
+            _, self.info, stats = make_plan(dense, method=method, target=f"params={target}", calib=calib,
+                                            graph=self.graph, options=METHOD_OPTIONS.get(method))
+        self.seconds, self.peak = stats["score_seconds"], mem.extra_bytes
+        self.order = self.info["removal_order"]
+        self.setup_seconds = self.seconds - sum(s["seconds"] for s in self.info["steps"])
+
+    def plan(self, target: float):
+        """(plan, seconds the search took to get there)."""
+        removed = [(o["layer"], o["sublayer"]) for o in self.order]
+        goal = parse_target(f"params={target}")
+        k = next(k for k in range(len(removed) + 1) if target_reached(self.graph, goal, removed[:k], self.method))
+        plan = finish_plan(self.graph, removed[:k], self.order[:k], goal, self.method)
+        return plan, self.setup_seconds + sum(s["seconds"] for s in self.info["steps"][:k])
+
+
+def prune_row(method: str, dense, tok, calib, target: float, greedy: GreedyRun | None = None) -> tuple[object, dict]:
     """Prune a fresh copy of ``dense`` to keep ``target`` of its parameters."""
     start = time.perf_counter()
     with PeakMemory() as mem:
@@ -68,13 +98,35 @@ def prune_row(method: str, dense, tok, calib, target: float) -> tuple[object, di
                     lambda: copy.deepcopy(dense), target, importance=importance, calib=calib[:10],
                     prune_hidden="hidden-kept" not in method)
             info = {"tp_ratio": round(ratio, 4), "note": "time includes the ratio search (one TP run per try)"}
+        elif greedy is not None:
+            plan, search_seconds = greedy.plan(target)
+            model = copy.deepcopy(dense)
+            plan, _, _ = make_plan(model, plan=plan)
+            shrink(model, plan)
+            info = {"removed": _removed_text(plan), "options": METHOD_OPTIONS.get(method, {}),
+                    "note": "prefix of one greedy search; time = search steps up to this target + shrink, "
+                            "peak = the whole search's"}
+            start -= search_seconds
         else:
             model = copy.deepcopy(dense)
-            plan, _, _ = make_plan(model, method=method, target=f"params={target}", calib=calib)
+            plan, _, _ = make_plan(model, method=method, target=f"params={target}", calib=calib,
+                                   options=METHOD_OPTIONS.get(method))
             shrink(model, plan)
-            info = {"plan_meta": {k: v for k, v in plan.meta.items() if k != "removal_order"}}
-    info.update(prune_seconds=round(time.perf_counter() - start, 1), prune_peak_extra_mib=round(mem.extra_bytes / 2**20))
+            info = {"removed": _removed_text(plan), "options": METHOD_OPTIONS.get(method, {}),
+                    "plan_meta": {k: v for k, v in plan.meta.items() if k != "removal_order"}}
+    peak = max(mem.extra_bytes, greedy.peak if greedy is not None else 0)
+    info.update(prune_seconds=round(time.perf_counter() - start, 1), prune_peak_extra_mib=round(peak / 2**20))
     return model, info
+
+
+def _removed_text(plan) -> str:
+    """What a layer plan removed, e.g. "blocks 5,13; attention 6,7; ffn 21" ("" for width plans)."""
+    parts = [f"blocks {','.join(map(str, plan.removed_blocks))}"] if plan.removed_blocks else []
+    for kind in ("attention", "ffn"):
+        layers = [str(i) for i, lp in sorted(plan.layers.items()) if getattr(lp, kind) is False]
+        if layers:
+            parts.append(f"{kind} {','.join(layers)}")
+    return "; ".join(parts)
 
 
 def write_markdown(results_dir: Path, suite: str, result: dict) -> None:
@@ -83,7 +135,11 @@ def write_markdown(results_dir: Path, suite: str, result: dict) -> None:
              f"{result['threads']} threads. Perplexity: held-out Wikipedia, window 2048, first {result['eval_tokens']} "
              f"tokens. Zero-shot: mean acc over {', '.join(TASKS)}, first {result['limit']} items each "
              f"(lm-eval-harness scoring, see docs/zero-shot.md). Latency: CPU, batch 1 x 128 prefill, "
-             f"per-token decode with KV cache. Ratios are pruned / dense.", ""]
+             f"per-token decode with KV cache. Ratios are pruned / dense (speedup = dense time / pruned time). "
+             f"Prune time and peak extra RAM: scoring + shrinking (Torch-Pruning: its ratio search included). "
+             f"Method options: {json.dumps(METHOD_OPTIONS)} (others: defaults); greedy searches "
+             f"({', '.join(GREEDY)}) run once to the harshest target and milder targets use the prefix "
+             f"of its removal order (time up to that step).", ""]
     for model_name, block in result["models"].items():
         dense = block["dense"]
         lines += [f"## {model_name}", "",
@@ -99,6 +155,10 @@ def write_markdown(results_dir: Path, suite: str, result: dict) -> None:
                 f"x{row['ppl'] / dense['ppl']:.3g} | {zs} | x{dense['prefill_ms'] / row['prefill_ms']:.2f} | "
                 f"x{dense['decode_ms'] / row['decode_ms']:.2f} | {row['prune_seconds']} | {row['prune_peak_extra_mib']} |")
         lines.append("")
+        details = [f"- {row['target']:.0%} {row['method']}: " + (row.get("removed") or row.get("error") or "")
+                   for row in block["rows"] if row.get("removed") or row.get("error")]
+        if details:
+            lines += ["Removed (layer methods) and errors:", "", *details, ""]
     (results_dir / f"{suite}.md").write_text("\n".join(lines) + "\n")
 
 
@@ -135,13 +195,16 @@ def main(argv=None) -> int:
                 print(f"[{suite}] {model_name}: evaluating dense", flush=True)
                 block["dense"] = evaluate_row(dense, tok, args)
             calib = data.calibration_samples(tok, args.calib_samples, args.calib_len)
+            greedy_runs: dict = {}
             for target in targets:
                 for method in methods_wanted:
                     if any(r["method"] == method and r["target"] == target for r in block["rows"]):
                         continue
                     print(f"[{suite}] {model_name}: {method} keeping {target:.0%}", flush=True)
                     try:
-                        model, info = prune_row(method, dense, tok, calib, target)
+                        if method in GREEDY and method not in greedy_runs:
+                            greedy_runs[method] = GreedyRun(method, dense, calib, min(targets))
+                        model, info = prune_row(method, dense, tok, calib, target, greedy_runs.get(method))
                         row = {"method": method, "target": target, **info, **evaluate_row(model, tok, args)}
                         del model
                     except Exception as e:  # a failing method is a result too; the run goes on

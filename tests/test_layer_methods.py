@@ -145,6 +145,31 @@ def test_finercut_zero_sublayer_has_distance_zero(distance):
     assert min(v for k, v in first["candidate_scores"].items() if k != "1.attention") > 1e-6
 
 
+def test_scoring_model_copies_to_the_scoring_dtype_and_leaves_the_model_alone():
+    model = tiny_model("llama", num_hidden_layers=2)
+    assert _layers.scoring_model(model, "model") is model
+    assert _layers.scoring_model(model, "float32") is model
+    copy_ = _layers.scoring_model(model, "bfloat16")
+    assert copy_ is not model and next(copy_.parameters()).dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32
+    auto = _layers.scoring_model(model, "auto")
+    expected = torch.bfloat16 if _layers.fast_bf16_available("cpu") else torch.float32
+    assert next(auto.parameters()).dtype == expected
+    with pytest.raises(ValueError, match="scoring dtype"):
+        _layers.scoring_model(model, "int8")
+
+
+def test_finercut_in_bfloat16_still_finds_a_zero_sublayer_first():
+    model = tiny_model("llama", num_hidden_layers=3)
+    zero_sublayer(model, 2, "ffn")
+    ids = tiny_inputs(model.config, batch=2, seq=10)
+    plan, info, _ = run("finercut", model, "sublayers=1", ids, dtype="bfloat16", screen_samples=None)
+    assert info["scoring_dtype"] == "bfloat16"
+    assert (info["steps"][0]["layer"], info["steps"][0]["sublayer"]) == (2, "ffn")
+    assert info["steps"][0]["score"] == 0.0
+    assert next(model.parameters()).dtype == torch.float32
+
+
 def _dense_and_pruned_logits(model, graph, removed, ids):
     pruned = surgery.shrink(copy.deepcopy(model), plan_from_removed(graph, removed), graph)
     with torch.no_grad():
@@ -157,7 +182,7 @@ def test_finercut_scores_match_the_formulas(distance):
     graph = build_graph(model)
     ids = tiny_inputs(model.config, batch=2, seq=9)
     plan, info, _ = run("finercut", model, "sublayers=2", ids, distance=distance, screen_samples=None, lazy=False,
-                        positions=None, batch_size=1)
+                        positions=None, batch_size=1, dtype="model")
     first, second = info["steps"][0], info["steps"][1]
     removed0 = [(first["layer"], first["sublayer"])]
     # step 2 scores candidate c on the model without step 1's choice and c
@@ -261,9 +286,9 @@ def test_screened_lazy_search_picks_what_the_exhaustive_search_picks(family):
     model = tiny_model(family, num_hidden_layers=5)
     ids = tiny_inputs(model.config, batch=8, seq=16)
     exhaustive, info_ex, _ = run("finercut", model, "sublayers=5", ids, screen_samples=None, lazy=False,
-                                 positions=None, batch_size=2)
+                                 positions=None, batch_size=2, dtype="model")
     fast, info_fast, _ = run("finercut", model, "sublayers=5", ids, screen_samples=4, confirm_top=3, lazy=True,
-                             positions=None, batch_size=2)
+                             positions=None, batch_size=2, dtype="model")
     order = lambda info: [(e["layer"], e["sublayer"]) for e in info["removal_order"]]
     assert order(info_fast) == order(info_ex)
     # the exhaustive search scores every remaining candidate; the fast one fewer, on fewer samples

@@ -20,6 +20,7 @@ Nothing here changes the model permanently: placeholders are swapped in and rest
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
 import time
@@ -156,6 +157,41 @@ class LayerRunner:
         for i in range(self.n):
             h = self.layer(i, h, ctx, (i, "attention") not in removed, (i, "ffn") not in removed)
         return self.final(h)
+
+
+SCORING_DTYPES = ("auto", "float32", "bfloat16", "float16", "model")
+
+
+def fast_bf16_available(device) -> bool:
+    """bf16 matmuls are fast here: a GPU, or a CPU with AVX512-BF16 / AMX."""
+    if torch.device(device).type == "cuda":
+        return True
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def scoring_model(model, dtype: str = "auto"):
+    """The model the greedy searches score candidates on.
+
+    ``"model"`` (or the model's own dtype): the model itself.  ``"auto"``: a bfloat16 copy when
+    the model is float32 and bf16 matmuls are fast on its device (1.7x faster on a 2-core
+    AVX512-BF16 CPU; FinerCut's step-1 ranking of SmolLM2's 60 sublayers had Spearman 0.9999 with
+    float32's, same order of the top 8, see docs/layer-methods.md), else the model itself.  The
+    copy costs the model's size in the new dtype; plans are indices, so they carry over."""
+    if dtype not in SCORING_DTYPES:
+        raise ValueError(f"unknown scoring dtype {dtype!r}; choose one of {', '.join(SCORING_DTYPES)}")
+    current = next(model.parameters())
+    if dtype == "model":
+        return model
+    if dtype == "auto":
+        if current.dtype != torch.float32 or not fast_bf16_available(current.device):
+            return model
+        dtype = "bfloat16"
+    wanted = getattr(torch, dtype)
+    if current.dtype == wanted:
+        return model
+    return copy.deepcopy(model).to(wanted)
 
 
 def skip_set(unit) -> set:

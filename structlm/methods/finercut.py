@@ -22,6 +22,9 @@ current model are cached, so a candidate in layer l runs only layers l..n-1 (plu
 the removed one on are recomputed.  One exhaustive step over C candidates costs about
 sum_c (n - l_c) / n ~= C/2 body forwards on the scored samples.  Three options cut that:
 
+* ``dtype`` (default ``"auto"``): scores are computed on a bfloat16 copy when the model is float32
+  and bf16 matmuls are fast (GPU, AVX512-BF16/AMX CPU): 1.7x faster on 2 CPU cores, same ranking
+  (``"model"`` scores the model as it is; ``"float32"``/``"bfloat16"`` force a dtype);
 * ``screen_samples`` (default 8): candidates are scored on the first k calibration samples;
 * ``confirm_top`` (default 1): re-score the best few screened candidates on all samples and remove
   the best of them (costs confirm_top/2 forwards on all samples per step, plus keeping a second
@@ -42,18 +45,20 @@ import time
 import torch
 
 from . import register
-from ._layers import SUBLAYERS, LayerRunner, OutputDistance, check_reachable, finish_plan, greedy_remove
+from ._layers import (SUBLAYERS, LayerRunner, OutputDistance, check_reachable, finish_plan, greedy_remove,
+                      scoring_model)
 
 
 @register("finercut")
 def finercut(model, graph, target, calib, *, distance: str = "js", screen_samples: int | None = 8,
              confirm_top: int = 1, lazy: bool = True, positions: int | None = 64, batch_size: int = 8,
-             progress: bool = True, **unknown):
+             dtype: str = "auto", progress: bool = True, **unknown):
     """Greedy sublayer removal by output distance to the dense model (see the module docstring)."""
     if unknown:
         raise TypeError(f"finercut: unknown options {sorted(unknown)}")
     started = time.perf_counter()
-    runner = LayerRunner(model)
+    scored = scoring_model(model, dtype)
+    runner = LayerRunner(scored)
     candidates = [(i, kind) for i in range(graph.n_layers) for kind in SUBLAYERS]
     check_reachable(graph, target, candidates)
     with torch.inference_mode():
@@ -65,7 +70,7 @@ def finercut(model, graph, target, calib, *, distance: str = "js", screen_sample
     order = [{"layer": s["layer"], "sublayer": s["sublayer"], "score": s["score"]} for s in steps]
     plan = finish_plan(graph, removed, order, target, "finercut")
     plan.meta["distance"] = distance
-    info = {"distance": distance, "positions": positions, "removal_order": order, "steps": steps,
+    info = {"distance": distance, "scoring_dtype": str(next(scored.parameters()).dtype).replace("torch.", ""), "positions": positions, "removal_order": order, "steps": steps,
             "cost": stats, "seconds": round(time.perf_counter() - started, 2),
             "per_step_cost_model": "exhaustive step: sum over candidates of (n - layer)/n forwards on the "
                                    "screened samples; lazy steps score only the candidates whose previous "

@@ -11,7 +11,8 @@ target is met.  The forward of candidate b starts at block b from cached hidden 
 current model; each step costs about n/2 body forwards plus n lm_head passes on the scored samples.
 
 Options: ``screen_samples`` / ``confirm_top`` / ``lazy`` as in FinerCut (defaults: all samples,
-exhaustive, as in the paper), ``batch_size``.  Overshoot: a ``params`` target stops at the first
+exhaustive, as in the paper), ``batch_size``, ``dtype`` (default ``"model"``: score the model as
+it is; ``"auto"`` / ``"bfloat16"``: a faster bf16 copy, see :func:`._layers.scoring_model`).  Overshoot: a ``params`` target stops at the first
 block count that reaches it (never short).
 """
 
@@ -23,17 +24,18 @@ import time
 import torch
 
 from . import register
-from ._layers import CalibrationNLL, LayerRunner, check_reachable, finish_plan, greedy_remove
+from ._layers import CalibrationNLL, LayerRunner, check_reachable, finish_plan, greedy_remove, scoring_model
 
 
 @register("sleb")
 def sleb(model, graph, target, calib, *, screen_samples: int | None = None, confirm_top: int = 1,
-         lazy: bool = False, batch_size: int = 8, progress: bool = True, **unknown):
+         lazy: bool = False, batch_size: int = 8, dtype: str = "model", progress: bool = True, **unknown):
     """Iteratively remove the block whose removal gives the lowest calibration perplexity."""
     if unknown:
         raise TypeError(f"sleb: unknown options {sorted(unknown)}")
     started = time.perf_counter()
-    runner = LayerRunner(model)
+    scored = scoring_model(model, dtype)
+    runner = LayerRunner(scored)
     candidates = [(i, "block") for i in range(graph.n_layers)]
     check_reachable(graph, target, candidates[:-1])
     with torch.inference_mode():
@@ -45,6 +47,7 @@ def sleb(model, graph, target, calib, *, screen_samples: int | None = None, conf
         s["calib_ppl"] = round(math.exp(s["score"]), 4)
     order = [{"layer": s["layer"], "sublayer": "block", "score": s["score"]} for s in steps]
     plan = finish_plan(graph, removed, order, target, "sleb")
-    info = {"criterion": "calibration NLL per token (log perplexity)", "removal_order": order, "steps": steps,
+    info = {"criterion": "calibration NLL per token (log perplexity)",
+            "scoring_dtype": str(next(scored.parameters()).dtype).replace("torch.", ""), "removal_order": order, "steps": steps,
             "cost": stats, "seconds": round(time.perf_counter() - started, 2)}
     return plan, info

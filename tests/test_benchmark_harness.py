@@ -1,0 +1,55 @@
+"""benchmarks/run.py end to end on a tiny local model: rows, prefixes of greedy searches, tables."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import tiny_llama, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_harness():
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-bench-model")
+    tiny_llama(layers=6).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_layer_suite_rows_and_greedy_prefixes(folder, tmp_path):
+    harness = load_harness()
+    out = tmp_path / "results"
+    argv = ["--suite", "layer", "--models", str(folder), "--targets", "0.9,0.7", "--methods", "sleb,shortgpt",
+            "--limit", "0", "--eval-tokens", "4096", "--calib-samples", "4", "--calib-len", "32",
+            "--threads", "1", "--results", str(out)]
+    assert harness.main(argv) == 0
+    result = json.loads((out / "layer.json").read_text())
+    block = result["models"][str(folder)]
+    rows = {(r["method"], r["target"]): r for r in block["rows"]}
+    assert set(rows) == {("sleb", 0.9), ("sleb", 0.7), ("shortgpt", 0.9), ("shortgpt", 0.7)}
+    for row in rows.values():
+        assert "error" not in row, row
+        assert row["params"] <= row["target"] * block["dense"]["params"] + 1
+        assert row["ppl"] > 0 and row["prefill_ms"] > 0
+    # the milder target's SLEB blocks are a prefix of the harsher one's search
+    mild = set(rows["sleb", 0.9]["removed"].removeprefix("blocks ").split(","))
+    harsh = set(rows["sleb", 0.7]["removed"].removeprefix("blocks ").split(","))
+    assert mild < harsh
+    assert rows["sleb", 0.9]["prune_seconds"] <= rows["sleb", 0.7]["prune_seconds"]
+    table = (out / "layer.md").read_text()
+    assert table.count("| sleb |") == 2 and "Removed (layer methods)" in table
+    # a rerun skips the rows that are already there
+    assert harness.main(argv) == 0
+    assert len(json.loads((out / "layer.json").read_text())["models"][str(folder)]["rows"]) == 4
