@@ -28,6 +28,10 @@ def register(subparsers) -> None:
     how.add_argument("--target", help="params=0.8 keeps 80%% of parameters; blocks=N or sublayers=N removes N")
     how.add_argument("--align", type=int, default=None,
                      help="round kept FFN/hidden widths up to a multiple of N (default: the plan's, 8)")
+    how.add_argument("-O", "--option", action="append", default=[], metavar="KEY=VALUE",
+                     help="a method option, repeatable: -O distance=kl -O screen_samples=16 (values read as "
+                          "JSON where they parse: numbers, true/false, null; the options are in each method's "
+                          "docs: docs/layer-methods.md, docs/width-methods.md)")
     how.add_argument("--dry-run", action="store_true", help="print the plan and its shapes, change nothing")
     cal = p.add_argument_group("calibration")
     cal.add_argument("--calib-data", default=data.BUILTIN, help="calibration text (see structlm eval --data)")
@@ -59,6 +63,8 @@ def _check_args(args) -> None:
         from .export import check_output_path
 
         check_output_path(args.out, args.force)
+    if args.option and not args.method:
+        raise ValueError("-O/--option sets options of a --method; a --plan takes none")
     if args.method:
         from .targets import parse_target
 
@@ -83,10 +89,20 @@ def _table(before: dict | None, after: dict, stats: dict) -> str:
     return "\n".join(lines)
 
 
-def _width_options(args) -> dict:
+def _method_options(args) -> dict:
+    """The width-method flags plus every -O KEY=VALUE."""
     from .methods._width import method_options
 
-    return method_options(args)
+    options = method_options(args)
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"-O {item!r}: write a method option as KEY=VALUE, e.g. -O screen_samples=16")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
 
 
 def run(args) -> int:
@@ -105,8 +121,9 @@ def run(args) -> int:
     if plan is None:
         calib = data.calibration_samples(tokenizer, args.calib_samples, args.calib_len, source=args.calib_data,
                                          seed=args.seed).to(args.device)
+    options = _method_options(args)
     plan, info, score_stats = make_plan(model, method=args.method, target=args.target, calib=calib, plan=plan,
-                                        align=args.align, graph=graph, options=_width_options(args))
+                                        align=args.align, graph=graph, options=options)
     print(plan.summary_text(graph))
     if args.dry_run:
         return 0
@@ -117,7 +134,7 @@ def run(args) -> int:
     result.stats.update(score_stats)
     after = None if args.no_eval else evaluate_model(model, tokenizer, **eval_kw)
     recipe = {"structlm": __version__, "model": args.model, "method": args.method, "target": args.target,
-              "plan_file": str(args.plan) if args.plan else None, "align": plan.align,
+              "options": options, "plan_file": str(args.plan) if args.plan else None, "align": plan.align,
               "calibration": None if args.plan else {"data": args.calib_data, "samples": args.calib_samples,
                                                        "tokens": args.calib_len, "seed": args.seed},
               "command": "structlm " + " ".join(sys.argv[1:]) if sys.argv and "structlm" in sys.argv[0] else None}

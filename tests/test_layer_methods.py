@@ -384,10 +384,17 @@ def test_cli_prune_finercut_writes_the_figure_and_the_order(tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text(SAMPLE_TEXT * 4)
     out = tmp_path / "out"
+    common = ["--calib-data", str(text), "--calib-samples", "4", "--calib-len", "16", "--no-eval", "--threads", "1"]
     rc = cli.main(["prune", str(folder), "--method", "finercut", "--target", "sublayers=3", "--out", str(out),
-                   "--calib-data", str(text), "--calib-samples", "4", "--calib-len", "16", "--no-eval",
-                   "--threads", "1"])
+                   "-O", "distance=kl", "-O", "screen_samples=2", *common])
     assert rc == 0
+    assert json.loads((out / "recipe.json").read_text())["options"] == {"distance": "kl", "screen_samples": 2}
+    assert json.loads((out / "report.json").read_text())["method_info"]["distance"] == "kl"
+    # an option the method does not take: one clear error naming it and the ones it takes, nothing written
+    bad = tmp_path / "bad"
+    assert cli.main(["prune", str(folder), "--method", "finercut", "--target", "sublayers=3", "--out", str(bad),
+                     "-O", "screen_sample=2", *common]) != 0
+    assert not bad.exists()
     assert (out / "removed.png").read_bytes()[:4] == b"\x89PNG"
     report = json.loads((out / "report.json").read_text())
     order = report["method_info"]["removal_order"]

@@ -15,6 +15,23 @@ _REGISTRY: dict[str, Callable] = {}
 _BUILTIN = ("last_blocks", "shortgpt", "sleb", "finercut", "magnitude", "wanda_sp", "flap", "llm_pruner")
 
 
+class MethodOptionError(ValueError):
+    """An option a method does not take."""
+
+
+def reject_unknown_options(method: str, unknown: dict, fn=None) -> None:
+    """One clear error for options a method does not take, naming the ones it does."""
+    if not unknown:
+        return
+    hint = ""
+    if fn is not None:
+        import inspect
+
+        known = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
+        hint = f"; {method} takes: {', '.join(known)}"
+    raise MethodOptionError(f"{method}: unknown option(s) {', '.join(sorted(unknown))}{hint}")
+
+
 def register(name: str):
     def wrap(fn):
         _REGISTRY[name] = fn

@@ -559,7 +559,8 @@ def width_options(graph: Graph, options: dict, *, default_layers=None, default_a
 
 def reject_unknown(method: str, options: dict) -> None:
     if options:
-        raise WidthError(f"{method}: unknown option(s) {sorted(options)}")
+        raise WidthError(f"{method}: unknown option(s) {', '.join(sorted(options))}; its options: "
+                         f"docs/width-methods.md")
 
 
 def score_summary(scores: dict) -> dict:

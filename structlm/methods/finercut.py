@@ -44,7 +44,7 @@ import time
 
 import torch
 
-from . import register
+from . import register, reject_unknown_options
 from ._layers import (SUBLAYERS, LayerRunner, OutputDistance, check_reachable, finish_plan, greedy_remove,
                       scoring_model)
 
@@ -54,8 +54,7 @@ def finercut(model, graph, target, calib, *, distance: str = "js", screen_sample
              confirm_top: int = 1, lazy: bool = True, positions: int | None = 64, batch_size: int = 8,
              dtype: str = "auto", progress: bool = True, **unknown):
     """Greedy sublayer removal by output distance to the dense model (see the module docstring)."""
-    if unknown:
-        raise TypeError(f"finercut: unknown options {sorted(unknown)}")
+    reject_unknown_options("finercut", unknown, finercut)
     started = time.perf_counter()
     scored = scoring_model(model, dtype)
     runner = LayerRunner(scored)

@@ -8,7 +8,7 @@ ceil(s/2) blocks.  Calibration data is not used.
 
 from __future__ import annotations
 
-from . import register
+from . import register, reject_unknown_options
 from ._layers import finish_plan, target_reached
 
 
@@ -21,8 +21,7 @@ def last_block_indices(n_layers: int, k: int) -> list[int]:
 @register("last_blocks")
 def last_blocks(model, graph, target, calib=None, **unknown):
     """Remove the last k blocks before the final one."""
-    if unknown:
-        raise TypeError(f"last_blocks: unknown options {sorted(unknown)}")
+    reject_unknown_options("last_blocks", unknown, last_blocks)
     n = graph.n_layers
     for k in range(1, n):
         removed = [(i, "block") for i in last_block_indices(n, k)]

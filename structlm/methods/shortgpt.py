@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import register
+from . import register, reject_unknown_options
 from ._layers import LayerRunner, check_reachable, finish_plan, target_reached
 
 
@@ -59,8 +59,7 @@ def _sums(runner, calib, batch_size, fn):
 @register("shortgpt")
 def shortgpt(model, graph, target, calib, *, batch_size: int = 8, **unknown):
     """Remove the blocks with the lowest Block Influence (one shot)."""
-    if unknown:
-        raise TypeError(f"shortgpt: unknown options {sorted(unknown)}")
+    reject_unknown_options("shortgpt", unknown, shortgpt)
     started = time.perf_counter()
     runner = LayerRunner(model)
 
@@ -82,8 +81,7 @@ def shortgpt(model, graph, target, calib, *, batch_size: int = 8, **unknown):
 @register("shortgpt_angular")
 def shortgpt_angular(model, graph, target, calib, *, batch_size: int = 8, **unknown):
     """Remove the attention/FFN sublayers with the lowest angular distance input -> output (one shot)."""
-    if unknown:
-        raise TypeError(f"shortgpt_angular: unknown options {sorted(unknown)}")
+    reject_unknown_options("shortgpt_angular", unknown, shortgpt_angular)
     started = time.perf_counter()
     runner = LayerRunner(model)
 

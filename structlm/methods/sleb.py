@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from . import register
+from . import register, reject_unknown_options
 from ._layers import CalibrationNLL, LayerRunner, check_reachable, finish_plan, greedy_remove, scoring_model
 
 
@@ -31,8 +31,7 @@ from ._layers import CalibrationNLL, LayerRunner, check_reachable, finish_plan, 
 def sleb(model, graph, target, calib, *, screen_samples: int | None = None, confirm_top: int = 1,
          lazy: bool = False, batch_size: int = 8, dtype: str = "model", progress: bool = True, **unknown):
     """Iteratively remove the block whose removal gives the lowest calibration perplexity."""
-    if unknown:
-        raise TypeError(f"sleb: unknown options {sorted(unknown)}")
+    reject_unknown_options("sleb", unknown, sleb)
     started = time.perf_counter()
     scored = scoring_model(model, dtype)
     runner = LayerRunner(scored)
