@@ -52,10 +52,16 @@ GREEDY = ("finercut", "sleb")
 TASKS = ["arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq"]
 
 
-def evaluate_row(model, tok, args) -> dict:
+COLLAPSED_PPL = 1000.0   # zero-shot is skipped above this perplexity: such a model scores at chance
+
+
+def evaluate_row(model, tok, args, target: float | None = None) -> dict:
     ppl = evaluate.perplexity(model, tok, seq_len=2048, max_tokens=args.eval_tokens, progress=False)
     row = {"ppl": ppl["ppl"], "ppl_tokens": ppl["tokens_scored"], "params": models.count_parameters(model)}
-    if args.limit:
+    wanted = target is None or args.zero_shot_targets is None or target in args.zero_shot_targets
+    if ppl["ppl"] > COLLAPSED_PPL:
+        row["zero_shot_skipped"] = f"collapsed (ppl > {COLLAPSED_PPL:g})"
+    elif args.limit and wanted:
         zs = zeroshot.evaluate_zero_shot(model, tok, TASKS, limit=args.limit, progress=False)
         row["zero_shot_avg"] = zs["average"]["average_acc"]
         row["zero_shot"] = {t: zs[t]["acc"] for t in TASKS}
@@ -134,7 +140,8 @@ def write_markdown(results_dir: Path, suite: str, result: dict) -> None:
              f"Command: `{result['command']}`  ", f"Machine: {result['machine']}; torch {result['torch']}, "
              f"{result['threads']} threads. Perplexity: held-out Wikipedia, window 2048, first {result['eval_tokens']} "
              f"tokens. Zero-shot: mean acc over {', '.join(TASKS)}, first {result['limit']} items each "
-             f"(lm-eval-harness scoring, see docs/zero-shot.md). Latency: CPU, batch 1 x 128 prefill, "
+             f"(lm-eval-harness scoring, see docs/zero-shot.md; '-': not run at this target "
+             f"{result.get('zero_shot_targets') or ''}, 'collapsed': skipped because ppl > {COLLAPSED_PPL:g}). Latency: CPU, batch 1 x 128 prefill, "
              f"per-token decode with KV cache. Ratios are pruned / dense (speedup = dense time / pruned time). "
              f"Prune time and peak extra RAM: scoring + shrinking (Torch-Pruning: its ratio search included). "
              f"Method options: {json.dumps(METHOD_OPTIONS)} (others: defaults); greedy searches "
@@ -149,7 +156,8 @@ def write_markdown(results_dir: Path, suite: str, result: dict) -> None:
                   "| target kept | method | params kept | ppl | ppl / dense | zero-shot avg | prefill speedup | decode speedup | prune s | prune peak extra MiB |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for row in block["rows"]:
-            zs = f"{row['zero_shot_avg']:.3f}" if "zero_shot_avg" in row else "-"
+            zs = f"{row['zero_shot_avg']:.3f}" if "zero_shot_avg" in row else (
+                "collapsed" if "zero_shot_skipped" in row else "-")
             lines.append(
                 f"| {row['target']:.0%} | {row['method']} | {row['params'] / dense['params']:.1%} | {row['ppl']:.4g} | "
                 f"x{row['ppl'] / dense['ppl']:.3g} | {zs} | x{dense['prefill_ms'] / row['prefill_ms']:.2f} | "
@@ -170,12 +178,16 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=None, help="subset of the suite's methods, comma-separated")
     ap.add_argument("--eval-tokens", type=int, default=32768)
     ap.add_argument("--limit", type=int, default=100, help="zero-shot items per task (0: skip zero-shot)")
+    ap.add_argument("--zero-shot-targets", default=None,
+                    help="run zero-shot only at these targets, comma-separated (default: every target)")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fresh", action="store_true", help="discard earlier rows of this suite")
     ap.add_argument("--results", type=Path, default=RESULTS, help="output folder")
     args = ap.parse_args(argv)
+    if args.zero_shot_targets:
+        args.zero_shot_targets = [float(t) for t in args.zero_shot_targets.split(",")]
     results_dir = args.results
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     torch.set_num_threads(args.threads)
@@ -185,7 +197,7 @@ def main(argv=None) -> int:
         result = json.loads(path.read_text()) if path.exists() and not args.fresh else {"models": {}}
         result.update(command="python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                       machine=f"{platform.machine()} CPU", torch=torch.__version__, threads=args.threads,
-                      eval_tokens=args.eval_tokens, limit=args.limit)
+                      eval_tokens=args.eval_tokens, limit=args.limit, zero_shot_targets=args.zero_shot_targets)
         methods_wanted = args.methods.split(",") if args.methods else SUITES[suite]
         targets = [float(t) for t in args.targets.split(",")] if args.targets else DEFAULT_TARGETS[suite]
         for model_name in args.models.split(","):
@@ -205,7 +217,7 @@ def main(argv=None) -> int:
                         if method in GREEDY and method not in greedy_runs:
                             greedy_runs[method] = GreedyRun(method, dense, calib, min(targets))
                         model, info = prune_row(method, dense, tok, calib, target, greedy_runs.get(method))
-                        row = {"method": method, "target": target, **info, **evaluate_row(model, tok, args)}
+                        row = {"method": method, "target": target, **info, **evaluate_row(model, tok, args, target)}
                         del model
                     except Exception as e:  # a failing method is a result too; the run goes on
                         row = {"method": method, "target": target, "error": f"{type(e).__name__}: {e}",
