@@ -1,5 +1,5 @@
 # Two entry points, each sets up (or reuses) the virtual environment first:
-#   make demo   - the main job end to end on the built-in SmolLM2-135M
+#   make demo   - the main job end to end: FinerCut removes 25% of SmolLM2-135M's parameters
 #   make test   - the whole test suite (unit tests on tiny models + the real-model tests)
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,8 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/structlm eval smollm2-135m --ppl --max-tokens 32768 --zero-shot arc_easy,piqa --limit 100 \
-		--latency --json out/demo/eval.json
+	$(VENV)/bin/structlm prune smollm2-135m --method finercut --target params=0.75 --out out/demo --force
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests

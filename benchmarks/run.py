@@ -93,8 +93,12 @@ class GreedyRun:
 
 
 def prune_row(method: str, dense, tok, calib, target: float, greedy: GreedyRun | None = None) -> tuple[object, dict]:
-    """Prune a fresh copy of ``dense`` to keep ``target`` of its parameters."""
+    """Prune a fresh copy of ``dense`` to keep ``target`` of its parameters.  Time and peak extra
+    RAM cover scoring + shrinking of that copy (not the copy itself); Torch-Pruning's cover its
+    whole ratio search, its working copies included."""
+    model = None if method.startswith("tp:") else copy.deepcopy(dense)
     start = time.perf_counter()
+    score = {}
     with PeakMemory() as mem:
         if method.startswith("tp:"):
             importance = "taylor" if "taylor" in method else "l2"
@@ -103,25 +107,27 @@ def prune_row(method: str, dense, tok, calib, target: float, greedy: GreedyRun |
                 model, ratio, kept = tp_prune_to_params(
                     lambda: copy.deepcopy(dense), target, importance=importance, calib=calib[:10],
                     prune_hidden="hidden-kept" not in method)
-            info = {"tp_ratio": round(ratio, 4), "note": "time includes the ratio search (one TP run per try)"}
+            info = {"tp_ratio": round(ratio, 4), "note": "time and RAM include the ratio search (one TP run "
+                                                         "on a fresh copy per try)"}
         elif greedy is not None:
             plan, search_seconds = greedy.plan(target)
-            model = copy.deepcopy(dense)
             plan, _, _ = make_plan(model, plan=plan)
             shrink(model, plan)
             info = {"removed": _removed_text(plan), "options": METHOD_OPTIONS.get(method, {}),
                     "note": "prefix of one greedy search; time = search steps up to this target + shrink, "
                             "peak = the whole search's"}
             start -= search_seconds
+            score = {"score_seconds": round(search_seconds, 1), "score_peak_extra_mib": round(greedy.peak / 2**20)}
         else:
-            model = copy.deepcopy(dense)
-            plan, _, _ = make_plan(model, method=method, target=f"params={target}", calib=calib,
-                                   options=METHOD_OPTIONS.get(method))
+            plan, _, stats = make_plan(model, method=method, target=f"params={target}", calib=calib,
+                                       options=METHOD_OPTIONS.get(method))
             shrink(model, plan)
             info = {"removed": _removed_text(plan), "options": METHOD_OPTIONS.get(method, {}),
                     "plan_meta": {k: v for k, v in plan.meta.items() if k != "removal_order"}}
+            score = {"score_seconds": stats["score_seconds"],
+                     "score_peak_extra_mib": round(stats["score_peak_extra_bytes"] / 2**20)}
     peak = max(mem.extra_bytes, greedy.peak if greedy is not None else 0)
-    info.update(prune_seconds=round(time.perf_counter() - start, 1), prune_peak_extra_mib=round(peak / 2**20))
+    info.update(score, prune_seconds=round(time.perf_counter() - start, 1), prune_peak_extra_mib=round(peak / 2**20))
     return model, info
 
 
@@ -168,6 +174,43 @@ def write_markdown(results_dir: Path, suite: str, result: dict) -> None:
         if details:
             lines += ["Removed (layer methods) and errors:", "", *details, ""]
     (results_dir / f"{suite}.md").write_text("\n".join(lines) + "\n")
+
+
+def write_summary(results_dir: Path) -> None:
+    """summary.md: at every target both suites ran, the best layer method, the best width method
+    and the best Torch-Pruning run side by side (best = lowest held-out perplexity)."""
+    suites = {name: json.loads((results_dir / f"{name}.json").read_text())
+              for name in SUITES if (results_dir / f"{name}.json").exists()}
+    if len(suites) < len(SUITES):
+        return
+    lines = ["# Best layer method vs best width method vs Torch-Pruning", "",
+             "Best = lowest held-out perplexity at the target, from `layer.md` and `width.md` (same protocol, "
+             "same dense model); Torch-Pruning: the best of its runs in either suite.", ""]
+    for model_name in suites["layer"]["models"]:
+        blocks = {name: r["models"].get(model_name) for name, r in suites.items()}
+        if not all(blocks.values()):
+            continue
+        dense = blocks["layer"]["dense"]
+        lines += [f"## {model_name}", "", "| target kept | family | method | params kept | ppl | zero-shot avg | "
+                  "prefill speedup | decode speedup |", "|---|---|---|---|---|---|---|---|"]
+        targets = sorted({r["target"] for b in blocks.values() for r in b["rows"]}, reverse=True)
+        for target in targets:
+            picks = []
+            for family, rows in (("layer", blocks["layer"]["rows"]), ("width", blocks["width"]["rows"]),
+                                 ("Torch-Pruning", blocks["layer"]["rows"] + blocks["width"]["rows"])):
+                ok = [r for r in rows if r["target"] == target and not math.isnan(r["ppl"])
+                      and r["method"].startswith("tp:") == (family == "Torch-Pruning")]
+                if ok:
+                    picks.append((family, min(ok, key=lambda r: r["ppl"])))
+            if len(picks) < 3:
+                continue
+            for family, r in picks:
+                zs = f"{r['zero_shot_avg']:.3f}" if "zero_shot_avg" in r else "-"
+                lines.append(f"| {target:.0%} | {family} | {r['method']} | {r['params'] / dense['params']:.1%} | "
+                             f"{r['ppl']:.4g} | {zs} | x{dense['prefill_ms'] / r['prefill_ms']:.2f} | "
+                             f"x{dense['decode_ms'] / r['decode_ms']:.2f} |")
+        lines.append("")
+    (results_dir / "summary.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None) -> int:
@@ -229,6 +272,7 @@ def main(argv=None) -> int:
                     write_markdown(results_dir, suite, result)
             path.write_text(json.dumps(result, indent=1, default=str) + "\n")
             write_markdown(results_dir, suite, result)
+    write_summary(results_dir)
     return 0
 
 

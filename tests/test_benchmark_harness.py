@@ -31,14 +31,14 @@ def folder(tmp_path_factory):
 def test_layer_suite_rows_and_greedy_prefixes(folder, tmp_path):
     harness = load_harness()
     out = tmp_path / "results"
-    argv = ["--suite", "layer", "--models", str(folder), "--targets", "0.9,0.7", "--methods", "sleb,shortgpt",
+    argv = ["--suite", "layer", "--models", str(folder), "--targets", "0.9,0.7", "--methods", "sleb,shortgpt,tp:l2",
             "--limit", "0", "--eval-tokens", "4096", "--calib-samples", "4", "--calib-len", "32",
             "--threads", "1", "--results", str(out)]
     assert harness.main(argv) == 0
     result = json.loads((out / "layer.json").read_text())
     block = result["models"][str(folder)]
     rows = {(r["method"], r["target"]): r for r in block["rows"]}
-    assert set(rows) == {("sleb", 0.9), ("sleb", 0.7), ("shortgpt", 0.9), ("shortgpt", 0.7)}
+    assert set(rows) == {(m, t) for m in ("sleb", "shortgpt", "tp:l2") for t in (0.9, 0.7)}
     for row in rows.values():
         assert "error" not in row, row
         assert row["params"] <= row["target"] * block["dense"]["params"] + 1
@@ -52,4 +52,14 @@ def test_layer_suite_rows_and_greedy_prefixes(folder, tmp_path):
     assert table.count("| sleb |") == 2 and "Removed (layer methods)" in table
     # a rerun skips the rows that are already there
     assert harness.main(argv) == 0
-    assert len(json.loads((out / "layer.json").read_text())["models"][str(folder)]["rows"]) == 4
+    assert len(json.loads((out / "layer.json").read_text())["models"][str(folder)]["rows"]) == 6
+    # with the width suite too: the best of each family side by side
+    width = ["--suite", "width", *argv[2:]]
+    width[width.index("--methods") + 1] = "flap,magnitude"
+    assert harness.main(width) == 0
+    wrows = json.loads((out / "width.json").read_text())["models"][str(folder)]["rows"]
+    assert {(r["method"], r["target"]) for r in wrows} == {(m, t) for m in ("flap", "magnitude") for t in (0.9, 0.7)}
+    assert all("error" not in r and r["score_peak_extra_mib"] >= 0 for r in wrows)
+    summary = (out / "summary.md").read_text()
+    for family in ("| layer |", "| width |", "| Torch-Pruning | tp:l2"):
+        assert summary.count(family) == 2, family
