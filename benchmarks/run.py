@@ -55,7 +55,35 @@ TASKS = ["arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq"
 COLLAPSED_PPL = 1000.0   # zero-shot is skipped above this perplexity: such a model scores at chance
 
 
-def evaluate_row(model, tok, args, target: float | None = None) -> dict:
+LATENCY_ROUNDS = 3
+
+
+def paired_latency(model, dense=None, rounds: int = LATENCY_ROUNDS) -> dict:
+    """CPU latency of ``model`` and, alternately in the same rounds, of ``dense``: the fastest of
+    ``rounds`` (min is the robust estimate on a machine with other load; pruned and dense see the
+    same conditions, so their ratio is the speedup)."""
+    runs: dict = {"": [], "dense_": []}
+    for _ in range(rounds):
+        for prefix, m in (("", model), ("dense_", dense)):
+            if m is not None:
+                runs[prefix].append(evaluate.latency(m, batch_size=1, seq_len=128, decode_tokens=16, warmup=1,
+                                                     repeats=1, progress=False))
+    out = {}
+    for prefix, got in runs.items():
+        if got:
+            out[f"{prefix}prefill_ms"] = min(r["prefill_ms"] for r in got)
+            out[f"{prefix}decode_ms"] = min(r["decode_ms_per_token"] for r in got)
+    return out
+
+
+def speedups(row: dict, dense: dict) -> tuple[float, float]:
+    """Dense time / pruned time, against the dense run measured beside the row when there is one."""
+    prefill = row.get("dense_prefill_ms", dense["prefill_ms"]) / row["prefill_ms"]
+    decode = row.get("dense_decode_ms", dense["decode_ms"]) / row["decode_ms"]
+    return prefill, decode
+
+
+def evaluate_row(model, tok, args, target: float | None = None, dense=None) -> dict:
     ppl = evaluate.perplexity(model, tok, seq_len=2048, max_tokens=args.eval_tokens, progress=False)
     row = {"ppl": ppl["ppl"], "ppl_tokens": ppl["tokens_scored"], "params": models.count_parameters(model)}
     wanted = target is None or args.zero_shot_targets is None or target in args.zero_shot_targets
@@ -65,21 +93,33 @@ def evaluate_row(model, tok, args, target: float | None = None) -> dict:
         zs = zeroshot.evaluate_zero_shot(model, tok, TASKS, limit=args.limit, progress=False)
         row["zero_shot_avg"] = zs["average"]["average_acc"]
         row["zero_shot"] = {t: zs[t]["acc"] for t in TASKS}
-    lat = evaluate.latency(model, batch_size=1, seq_len=128, decode_tokens=16, warmup=1, repeats=3, progress=False)
-    row.update(prefill_ms=lat["prefill_ms"], decode_ms=lat["decode_ms_per_token"])
+    row.update(paired_latency(model, dense))
     return row
 
 
 class GreedyRun:
-    """One greedy search to the harshest target; plans for milder targets are its prefixes."""
+    """One greedy search to the harshest target; plans for milder targets are its prefixes.
 
-    def __init__(self, method: str, dense, calib, target: float):
+    The search (removal order, seconds per step, peak RAM) is kept in the results JSON under
+    ``searches``, so a resumed run reuses it instead of searching again."""
+
+    def __init__(self, method: str, dense, calib, target: float, cache: dict | None = None):
         self.graph = build_graph(dense)
         self.method = method
-        with PeakMemory() as mem:
-            _, self.info, stats = make_plan(dense, method=method, target=f"params={target}", calib=calib,
-                                            graph=self.graph, options=METHOD_OPTIONS.get(method))
-        self.seconds, self.peak = stats["score_seconds"], mem.extra_bytes
+        cached = (cache or {}).get(method)
+        if cached and cached["target"] <= target and cached["options"] == METHOD_OPTIONS.get(method, {}):
+            self.info, self.seconds, self.peak = cached["info"], cached["seconds"], cached["peak_bytes"]
+        else:
+            with PeakMemory() as mem:
+                _, info, stats = make_plan(dense, method=method, target=f"params={target}", calib=calib,
+                                           graph=self.graph, options=METHOD_OPTIONS.get(method))
+            self.info = {"removal_order": info["removal_order"],
+                         "steps": [{k: v for k, v in st.items() if k != "candidate_scores"} for st in info["steps"]],
+                         "cost": info.get("cost")}
+            self.seconds, self.peak = stats["score_seconds"], mem.extra_bytes
+            if cache is not None:
+                cache[method] = {"target": target, "options": METHOD_OPTIONS.get(method, {}), "info": self.info,
+                                 "seconds": self.seconds, "peak_bytes": self.peak}
         self.order = self.info["removal_order"]
         self.setup_seconds = self.seconds - sum(s["seconds"] for s in self.info["steps"])
 
@@ -114,7 +154,7 @@ def prune_row(method: str, dense, tok, calib, target: float, greedy: GreedyRun |
             plan, _, _ = make_plan(model, plan=plan)
             shrink(model, plan)
             info = {"removed": _removed_text(plan), "options": METHOD_OPTIONS.get(method, {}),
-                    "note": "prefix of one greedy search; time = search steps up to this target + shrink, "
+                    "plan": plan.to_dict(), "note": "prefix of one greedy search; time = search steps up to this target + shrink, "
                             "peak = the whole search's"}
             start -= search_seconds
             score = {"score_seconds": round(search_seconds, 1), "score_peak_extra_mib": round(greedy.peak / 2**20)}
@@ -123,7 +163,7 @@ def prune_row(method: str, dense, tok, calib, target: float, greedy: GreedyRun |
                                        options=METHOD_OPTIONS.get(method))
             shrink(model, plan)
             info = {"removed": _removed_text(plan), "options": METHOD_OPTIONS.get(method, {}),
-                    "plan_meta": {k: v for k, v in plan.meta.items() if k != "removal_order"}}
+                    "plan": plan.to_dict(), "plan_meta": {k: v for k, v in plan.meta.items() if k != "removal_order"}}
             score = {"score_seconds": stats["score_seconds"],
                      "score_peak_extra_mib": round(stats["score_peak_extra_bytes"] / 2**20)}
     peak = max(mem.extra_bytes, greedy.peak if greedy is not None else 0)
@@ -141,6 +181,31 @@ def _removed_text(plan) -> str:
     return "; ".join(parts)
 
 
+def rebuild(row: dict, dense, calib):
+    """The pruned model of a finished row, rebuilt from its plan (or removal text) or TP ratio."""
+    from structlm.methods._layers import plan_from_removed
+    from structlm.plan import PrunePlan
+
+    model = copy.deepcopy(dense)
+    if row["method"].startswith("tp:"):
+        from structlm.anchors import tp_prune
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return tp_prune(model, row["tp_ratio"], importance="taylor" if "taylor" in row["method"] else "l2",
+                            calib=calib[:10], prune_hidden="hidden-kept" not in row["method"])
+    if "plan" in row:
+        plan = PrunePlan.from_dict(row["plan"])
+    else:  # rows written before plans were stored: "blocks 5,13; attention 6,7; ffn 21"
+        removed = []
+        for part in filter(None, row["removed"].split("; ")):
+            kind, _, layers = part.partition(" ")
+            removed += [(int(i), {"blocks": "block"}.get(kind, kind)) for i in layers.split(",")]
+        plan = plan_from_removed(build_graph(dense), removed)
+    plan, _, _ = make_plan(model, plan=plan)
+    return shrink(model, plan)
+
+
 def write_markdown(results_dir: Path, suite: str, result: dict) -> None:
     lines = [f"# Benchmark: {suite} methods vs Torch-Pruning", "",
              f"Command: `{result['command']}`  ", f"Machine: {result['machine']}; torch {result['torch']}, "
@@ -148,7 +213,8 @@ def write_markdown(results_dir: Path, suite: str, result: dict) -> None:
              f"tokens. Zero-shot: mean acc over {', '.join(TASKS)}, first {result['limit']} items each "
              f"(lm-eval-harness scoring, see docs/zero-shot.md; '-': not run at this target "
              f"{result.get('zero_shot_targets') or ''}, 'collapsed': skipped because ppl > {COLLAPSED_PPL:g}). Latency: CPU, batch 1 x 128 prefill, "
-             f"per-token decode with KV cache. Ratios are pruned / dense (speedup = dense time / pruned time). "
+             f"per-token decode with KV cache (16 tokens), fastest of {LATENCY_ROUNDS} rounds in which the pruned and the "
+             f"dense model run alternately; speedups are against that dense run. Ratios are pruned / dense (speedup = dense time / pruned time). "
              f"Prune time and peak extra RAM: scoring + shrinking (Torch-Pruning: its ratio search included). "
              f"Method options: {json.dumps(METHOD_OPTIONS)} (others: defaults); greedy searches "
              f"({', '.join(GREEDY)}) run once to the harshest target and milder targets use the prefix "
@@ -166,8 +232,8 @@ def write_markdown(results_dir: Path, suite: str, result: dict) -> None:
                 "collapsed" if "zero_shot_skipped" in row else "-")
             lines.append(
                 f"| {row['target']:.0%} | {row['method']} | {row['params'] / dense['params']:.1%} | {row['ppl']:.4g} | "
-                f"x{row['ppl'] / dense['ppl']:.3g} | {zs} | x{dense['prefill_ms'] / row['prefill_ms']:.2f} | "
-                f"x{dense['decode_ms'] / row['decode_ms']:.2f} | {row['prune_seconds']} | {row['prune_peak_extra_mib']} |")
+                f"x{row['ppl'] / dense['ppl']:.3g} | {zs} | x{speedups(row, dense)[0]:.2f} | "
+                f"x{speedups(row, dense)[1]:.2f} | {row['prune_seconds']} | {row['prune_peak_extra_mib']} |")
         lines.append("")
         details = [f"- {row['target']:.0%} {row['method']}: " + (row.get("removed") or row.get("error") or "")
                    for row in block["rows"] if row.get("removed") or row.get("error")]
@@ -207,10 +273,28 @@ def write_summary(results_dir: Path) -> None:
             for family, r in picks:
                 zs = f"{r['zero_shot_avg']:.3f}" if "zero_shot_avg" in r else "-"
                 lines.append(f"| {target:.0%} | {family} | {r['method']} | {r['params'] / dense['params']:.1%} | "
-                             f"{r['ppl']:.4g} | {zs} | x{dense['prefill_ms'] / r['prefill_ms']:.2f} | "
-                             f"x{dense['decode_ms'] / r['decode_ms']:.2f} |")
+                             f"{r['ppl']:.4g} | {zs} | x{speedups(r, dense)[0]:.2f} | "
+                             f"x{speedups(r, dense)[1]:.2f} |")
         lines.append("")
     (results_dir / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def refresh_latency(result: dict, args, command: str) -> None:
+    for model_name in args.models.split(","):
+        block = result["models"].get(model_name)
+        if not block:
+            continue
+        dense, tok = models.load_model(model_name)
+        calib = data.calibration_samples(tok, args.calib_samples, args.calib_len)
+        block["dense"].update(paired_latency(dense))
+        for row in block["rows"]:
+            if "error" in row or ("plan" not in row and not row.get("removed") and "tp_ratio" not in row):
+                continue
+            print(f"latency: {model_name} {row['method']} {row['target']:.0%}", flush=True)
+            model = rebuild(row, dense, calib)
+            row.update(paired_latency(model, dense))
+            del model
+    result["latency_command"] = command
 
 
 def main(argv=None) -> int:
@@ -227,6 +311,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fresh", action="store_true", help="discard earlier rows of this suite")
+    ap.add_argument("--refresh-latency", action="store_true",
+                    help="only re-measure the latency of finished rows (rebuilt from their plans) beside the dense model")
     ap.add_argument("--results", type=Path, default=RESULTS, help="output folder")
     args = ap.parse_args(argv)
     if args.zero_shot_targets:
@@ -238,8 +324,13 @@ def main(argv=None) -> int:
     for suite in suites:
         path = results_dir / f"{suite}.json"
         result = json.loads(path.read_text()) if path.exists() and not args.fresh else {"models": {}}
-        result.update(command="python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                      machine=f"{platform.machine()} CPU", torch=torch.__version__, threads=args.threads,
+        command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        if args.refresh_latency:
+            refresh_latency(result, args, command)
+            path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+            write_markdown(results_dir, suite, result)
+            continue
+        result.update(command=command, machine=f"{platform.machine()} CPU", torch=torch.__version__, threads=args.threads,
                       eval_tokens=args.eval_tokens, limit=args.limit, zero_shot_targets=args.zero_shot_targets)
         methods_wanted = args.methods.split(",") if args.methods else SUITES[suite]
         targets = [float(t) for t in args.targets.split(",")] if args.targets else DEFAULT_TARGETS[suite]
@@ -258,9 +349,10 @@ def main(argv=None) -> int:
                     print(f"[{suite}] {model_name}: {method} keeping {target:.0%}", flush=True)
                     try:
                         if method in GREEDY and method not in greedy_runs:
-                            greedy_runs[method] = GreedyRun(method, dense, calib, min(targets))
+                            greedy_runs[method] = GreedyRun(method, dense, calib, min(targets),
+                                                            block.setdefault("searches", {}))
                         model, info = prune_row(method, dense, tok, calib, target, greedy_runs.get(method))
-                        row = {"method": method, "target": target, **info, **evaluate_row(model, tok, args, target)}
+                        row = {"method": method, "target": target, **info, **evaluate_row(model, tok, args, target, dense)}
                         del model
                     except Exception as e:  # a failing method is a result too; the run goes on
                         row = {"method": method, "target": target, "error": f"{type(e).__name__}: {e}",

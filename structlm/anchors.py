@@ -74,7 +74,8 @@ def tp_prune(model, ratio: float, *, importance: str = "l2", calib: torch.Tensor
 
     patch_torch_pruning()
     config = model.config
-    model.config._attn_implementation = "eager"
+    attn_impl = model.config._attn_implementation
+    model.config._attn_implementation = "eager"   # traced with eager attention (see above)
     for module in model.modules():
         if hasattr(module, "config") and hasattr(module.config, "_attn_implementation"):
             module.config._attn_implementation = "eager"
@@ -122,6 +123,9 @@ def tp_prune(model, ratio: float, *, importance: str = "l2", calib: torch.Tensor
             config.num_attention_heads, config.num_key_value_heads = heads, kv_heads
         elif name.endswith("mlp"):
             config.intermediate_size = module.gate_proj.out_features
+    for module in model.modules():   # run the pruned model as the dense one runs (e.g. SDPA), for fair timings
+        if hasattr(module, "config") and hasattr(module.config, "_attn_implementation"):
+            module.config._attn_implementation = attn_impl
     return model.eval()
 
 

@@ -24,8 +24,10 @@ from torch import nn
 class RemovedAttention(nn.Module):
     """An attention sublayer that was pruned away: it adds nothing to the residual stream.
 
-    It still advances the KV cache by zero-width keys/values, because transformers reads the
-    sequence length seen so far from the cache of layer 0."""
+    It still advances its KV cache layer by one-channel zero keys/values (batch x 1 x seq x 1):
+    transformers reads the sequence length seen so far from layer 0's cache, and a cache layer
+    with no elements reports length 0 and is skipped by ``batch_select_indices`` (beam search,
+    shared-prefix scoring), which would break those for a model whose layer-0 attention is gone."""
 
     def __init__(self, layer_idx=None):
         super().__init__()
@@ -35,8 +37,8 @@ class RemovedAttention(nn.Module):
         cache = kwargs.get("cache", kwargs.get("past_key_values", kwargs.get("layer_past")))
         if cache is not None and hasattr(cache, "update") and self.layer_idx is not None:
             batch, seq = hidden_states.shape[0], hidden_states.shape[-2]
-            empty = hidden_states.new_zeros(batch, 0, seq, 0)
-            cache.update(empty, empty, self.layer_idx)
+            placeholder = hidden_states.new_zeros(batch, 1, seq, 1)
+            cache.update(placeholder, placeholder, self.layer_idx)
         return torch.zeros_like(hidden_states), None
 
 

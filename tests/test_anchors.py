@@ -24,6 +24,7 @@ def test_tp_recipe_prunes_heads_ffn_and_optionally_hidden(importance, prune_hidd
     assert c.num_attention_heads < 9 and c.num_key_value_heads == 3  # TP prunes query heads within groups
     assert c.intermediate_size < 192
     assert (c.hidden_size < 72) == prune_hidden
+    assert c._attn_implementation == dense.config._attn_implementation   # traced eager, runs as the dense one
     with torch.no_grad():
         assert model(x).logits.shape == (2, 12, 128)
     assert count_parameters(model) < count_parameters(dense)

@@ -71,6 +71,23 @@ def test_generation_with_layer0_attention_removed_matches_masked():
     assert torch.equal(shrunk.generate(ids, **kw), masked.generate(ids, **kw))
 
 
+def test_cache_of_removed_attention_follows_batch_selection():
+    # zero-shot scoring runs a shared context once, then picks its rows per choice from the cache
+    model = tiny_model("llama", num_hidden_layers=3)
+    graph = build_graph(model)
+    plan = PrunePlan(layers={0: LayerPlan(attention=False), 2: LayerPlan(attention=False)})
+    shrunk = surgery.shrink(copy.deepcopy(model), plan, graph)
+    ids = tiny_inputs(model.config, batch=2, seq=12)
+    rows = torch.tensor([1, 1, 0])
+    with torch.no_grad():
+        cache = shrunk(ids[:, :8], use_cache=True).past_key_values
+        cache.batch_select_indices(rows)
+        assert cache.get_seq_length() == 8
+        tail = shrunk(ids[rows, 8:], past_key_values=cache, use_cache=True).logits
+        full = shrunk(ids[rows]).logits[:, 8:]
+    torch.testing.assert_close(tail, full, atol=1e-5, rtol=1e-5)
+
+
 def test_shrink_updates_modules_and_config():
     model = tiny_model("llama", num_hidden_layers=3)
     graph = build_graph(model)
