@@ -288,7 +288,9 @@ def refresh_latency(result: dict, args, command: str) -> None:
         calib = data.calibration_samples(tok, args.calib_samples, args.calib_len)
         block["dense"].update(paired_latency(dense))
         for row in block["rows"]:
-            if "error" in row or ("plan" not in row and not row.get("removed") and "tp_ratio" not in row):
+            if "error" in row or "dense_prefill_ms" in row:
+                continue   # failed, or already measured beside the dense model
+            if "plan" not in row and not row.get("removed") and "tp_ratio" not in row:
                 continue
             print(f"latency: {model_name} {row['method']} {row['target']:.0%}", flush=True)
             model = rebuild(row, dense, calib)
@@ -312,7 +314,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fresh", action="store_true", help="discard earlier rows of this suite")
     ap.add_argument("--refresh-latency", action="store_true",
-                    help="only re-measure the latency of finished rows (rebuilt from their plans) beside the dense model")
+                    help="only measure, beside the dense model, the latency of finished rows that were not measured "
+                         "so (rows of older runs); the models are rebuilt from their plans")
     ap.add_argument("--results", type=Path, default=RESULTS, help="output folder")
     args = ap.parse_args(argv)
     if args.zero_shot_targets:

@@ -61,12 +61,14 @@ def test_layer_suite_rows_and_greedy_prefixes(folder, tmp_path):
         assert row["dense_prefill_ms"] > 0 and row["decode_ms"] > 0
     # re-measuring latency rebuilds each row's model from its plan (or TP ratio), nothing else changes
     before = json.loads((out / "layer.json").read_text())
-    del before["models"][str(folder)]["rows"][0]["plan"]   # rows of older runs have only the removal text
+    old = before["models"][str(folder)]["rows"][0]   # rows of older runs: removal text, latency without dense
+    del old["plan"], old["dense_prefill_ms"], old["dense_decode_ms"]
     (out / "layer.json").write_text(json.dumps(before))
     assert harness.main([*argv, "--refresh-latency"]) == 0
     after = json.loads((out / "layer.json").read_text())
     assert [r["ppl"] for r in after["models"][str(folder)]["rows"]] == [r["ppl"] for r in before["models"][str(folder)]["rows"]]
     assert "latency_command" in after
+    assert after["models"][str(folder)]["rows"][0]["dense_prefill_ms"] > 0
     # with the width suite too: the best of each family side by side
     width = ["--suite", "width", *argv[2:]]
     width[width.index("--methods") + 1] = "flap,magnitude"
