@@ -208,7 +208,8 @@ def rebuild(row: dict, dense, calib):
 
 def write_markdown(results_dir: Path, suite: str, result: dict) -> None:
     lines = [f"# Benchmark: {suite} methods vs Torch-Pruning", "",
-             f"Command: `{result['command']}`  ", f"Machine: {result['machine']}; torch {result['torch']}, "
+             "Commands (a rerun resumes: it adds the rows that are missing): "
+             + "; ".join(f"`{c}`" for c in result.get("commands", [result["command"]])) + "  ", f"Machine: {result['machine']}; torch {result['torch']}, "
              f"{result['threads']} threads. Perplexity: held-out Wikipedia, window 2048, first {result['eval_tokens']} "
              f"tokens. Zero-shot: mean acc over {', '.join(TASKS)}, first {result['limit']} items each "
              f"(lm-eval-harness scoring, see docs/zero-shot.md; '-': not run at this target "
@@ -227,7 +228,9 @@ def write_markdown(results_dir: Path, suite: str, result: dict) -> None:
                   + f", prefill {dense['prefill_ms']:.0f} ms, decode {dense['decode_ms']:.1f} ms/token.", "",
                   "| target kept | method | params kept | ppl | ppl / dense | zero-shot avg | prefill speedup | decode speedup | prune s | prune peak extra MiB |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
-        for row in block["rows"]:
+        order = {m: k for k, m in enumerate(SUITES.get(suite, []))}
+        rows = sorted(block["rows"], key=lambda r: (-r["target"], order.get(r["method"], len(order)), r["method"]))
+        for row in rows:
             zs = f"{row['zero_shot_avg']:.3f}" if "zero_shot_avg" in row else (
                 "collapsed" if "zero_shot_skipped" in row else "-")
             lines.append(
@@ -236,7 +239,7 @@ def write_markdown(results_dir: Path, suite: str, result: dict) -> None:
                 f"x{speedups(row, dense)[1]:.2f} | {row['prune_seconds']} | {row['prune_peak_extra_mib']} |")
         lines.append("")
         details = [f"- {row['target']:.0%} {row['method']}: " + (row.get("removed") or row.get("error") or "")
-                   for row in block["rows"] if row.get("removed") or row.get("error")]
+                   for row in rows if row.get("removed") or row.get("error")]
         if details:
             lines += ["Removed (layer methods) and errors:", "", *details, ""]
     (results_dir / f"{suite}.md").write_text("\n".join(lines) + "\n")
@@ -333,6 +336,8 @@ def main(argv=None) -> int:
             path.write_text(json.dumps(result, indent=1, default=str) + "\n")
             write_markdown(results_dir, suite, result)
             continue
+        result["commands"] = [c for c in result.get("commands", [result["command"]] if "command" in result else [])
+                              if c != command] + [command]
         result.update(command=command, machine=f"{platform.machine()} CPU", torch=torch.__version__, threads=args.threads,
                       eval_tokens=args.eval_tokens, limit=args.limit, zero_shot_targets=args.zero_shot_targets)
         methods_wanted = args.methods.split(",") if args.methods else SUITES[suite]
