@@ -216,7 +216,9 @@ def write_markdown(results_dir: Path, suite: str, result: dict) -> None:
              f"{result.get('zero_shot_targets') or ''}, 'collapsed': skipped because ppl > {COLLAPSED_PPL:g}). Latency: CPU, batch 1 x 128 prefill, "
              f"per-token decode with KV cache (16 tokens), fastest of {LATENCY_ROUNDS} rounds in which the pruned and the "
              f"dense model run alternately; speedups are against that dense run. Ratios are pruned / dense (speedup = dense time / pruned time). "
-             f"Prune time and peak extra RAM: scoring + shrinking (Torch-Pruning: its ratio search included). "
+             f"Prune time and peak extra RAM: scoring + shrinking (Torch-Pruning: its ratio search included); "
+             f"RAM is growth of the process's peak RSS, so memory freed by earlier rows and reused can make a "
+             f"later row read low (each method's first row in a run is the one to trust). "
              f"Method options: {json.dumps(METHOD_OPTIONS)} (others: defaults); greedy searches "
              f"({', '.join(GREEDY)}) run once to the harshest target and milder targets use the prefix "
              f"of its removal order (time up to that step).", ""]
