@@ -64,6 +64,13 @@ def patch_torch_pruning() -> None:
     tpg.DependencyGraph._structlm_patched = True
 
 
+def _set_attention_implementation(model, impl: str) -> None:
+    model.config._attn_implementation = impl
+    for module in model.modules():
+        if hasattr(module, "config") and hasattr(module.config, "_attn_implementation"):
+            module.config._attn_implementation = impl
+
+
 def tp_prune(model, ratio: float, *, importance: str = "l2", calib: torch.Tensor | None = None,
              prune_hidden: bool = True, round_to: int = 4):
     """Prune a Llama-style ``model`` in place with Torch-Pruning's LLM recipe; returns the model.
@@ -75,10 +82,7 @@ def tp_prune(model, ratio: float, *, importance: str = "l2", calib: torch.Tensor
     patch_torch_pruning()
     config = model.config
     attn_impl = model.config._attn_implementation
-    model.config._attn_implementation = "eager"   # traced with eager attention (see above)
-    for module in model.modules():
-        if hasattr(module, "config") and hasattr(module.config, "_attn_implementation"):
-            module.config._attn_implementation = "eager"
+    _set_attention_implementation(model, "eager")   # traced with eager attention (see above)
     example = (calib[:1, :32] if calib is not None else torch.arange(1, 17)[None]).to(model.device)
     num_heads, ignored = {}, [model.lm_head]
     for name, module in model.named_modules():
@@ -123,9 +127,7 @@ def tp_prune(model, ratio: float, *, importance: str = "l2", calib: torch.Tensor
             config.num_attention_heads, config.num_key_value_heads = heads, kv_heads
         elif name.endswith("mlp"):
             config.intermediate_size = module.gate_proj.out_features
-    for module in model.modules():   # run the pruned model as the dense one runs (e.g. SDPA), for fair timings
-        if hasattr(module, "config") and hasattr(module.config, "_attn_implementation"):
-            module.config._attn_implementation = attn_impl
+    _set_attention_implementation(model, attn_impl)   # run as the dense model runs (e.g. SDPA): fair timings
     return model.eval()
 
 

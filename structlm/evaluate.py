@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data
-from .models import count_parameters
+from .models import count_parameters, dtype_name
 
 
 @torch.no_grad()
@@ -112,4 +112,4 @@ def size_on_disk(path) -> int | None:
 
 def model_size(model, folder=None) -> dict:
     return {"params": count_parameters(model), "bytes_on_disk": size_on_disk(folder),
-            "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+            "dtype": dtype_name(model)}

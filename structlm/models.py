@@ -200,6 +200,11 @@ def weights_location(name: str) -> Path | None:
     return Path(info["dir"]) if kind == "folder" else None
 
 
+def dtype_name(model) -> str:
+    """The dtype of the model's (first) parameters, e.g. "float32"."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 def count_parameters(model) -> int:
     """Parameters counted once each (tied embeddings count once)."""
     seen, total = set(), 0

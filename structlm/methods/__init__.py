@@ -19,17 +19,18 @@ class MethodOptionError(ValueError):
     """An option a method does not take."""
 
 
-def reject_unknown_options(method: str, unknown: dict, fn=None) -> None:
-    """One clear error for options a method does not take, naming the ones it does."""
+def reject_unknown_options(method: str, unknown: dict, fn=None, *, error: type[ValueError] = MethodOptionError,
+                           hint: str | None = None) -> None:
+    """One clear error for options a method does not take, naming the ones it does (the keyword
+    options of ``fn``) or where they are documented (``hint``)."""
     if not unknown:
         return
-    hint = ""
     if fn is not None:
         import inspect
 
         known = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
-        hint = f"; {method} takes: {', '.join(known)}"
-    raise MethodOptionError(f"{method}: unknown option(s) {', '.join(sorted(unknown))}{hint}")
+        hint = f"{method} takes: {', '.join(known)}"
+    raise error(f"{method}: unknown option(s) {', '.join(sorted(unknown))}" + (f"; {hint}" if hint else ""))
 
 
 def register(name: str):

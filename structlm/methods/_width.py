@@ -558,9 +558,9 @@ def width_options(graph: Graph, options: dict, *, default_layers=None, default_a
 
 
 def reject_unknown(method: str, options: dict) -> None:
-    if options:
-        raise WidthError(f"{method}: unknown option(s) {', '.join(sorted(options))}; its options: "
-                         f"docs/width-methods.md")
+    from . import reject_unknown_options
+
+    reject_unknown_options(method, options, error=WidthError, hint="its options: docs/width-methods.md")
 
 
 def score_summary(scores: dict) -> dict:

@@ -44,6 +44,7 @@ import time
 
 import torch
 
+from ..models import dtype_name
 from . import register, reject_unknown_options
 from ._layers import (SUBLAYERS, LayerRunner, OutputDistance, check_reachable, finish_plan, greedy_remove,
                       scoring_model)
@@ -69,7 +70,8 @@ def finercut(model, graph, target, calib, *, distance: str = "js", screen_sample
     order = [{"layer": s["layer"], "sublayer": s["sublayer"], "score": s["score"]} for s in steps]
     plan = finish_plan(graph, removed, order, target, "finercut")
     plan.meta["distance"] = distance
-    info = {"distance": distance, "scoring_dtype": str(next(scored.parameters()).dtype).replace("torch.", ""), "positions": positions, "removal_order": order, "steps": steps,
+    info = {"distance": distance, "scoring_dtype": dtype_name(scored), "positions": positions,
+            "removal_order": order, "steps": steps,
             "cost": stats, "seconds": round(time.perf_counter() - started, 2),
             "per_step_cost_model": "exhaustive step: sum over candidates of (n - layer)/n forwards on the "
                                    "screened samples; lazy steps score only the candidates whose previous "

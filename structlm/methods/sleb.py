@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from ..models import dtype_name
 from . import register, reject_unknown_options
 from ._layers import CalibrationNLL, LayerRunner, check_reachable, finish_plan, greedy_remove, scoring_model
 
@@ -47,6 +48,6 @@ def sleb(model, graph, target, calib, *, screen_samples: int | None = None, conf
     order = [{"layer": s["layer"], "sublayer": "block", "score": s["score"]} for s in steps]
     plan = finish_plan(graph, removed, order, target, "sleb")
     info = {"criterion": "calibration NLL per token (log perplexity)",
-            "scoring_dtype": str(next(scored.parameters()).dtype).replace("torch.", ""), "removal_order": order, "steps": steps,
+            "scoring_dtype": dtype_name(scored), "removal_order": order, "steps": steps,
             "cost": stats, "seconds": round(time.perf_counter() - started, 2)}
     return plan, info
