@@ -334,6 +334,28 @@ def test_global_allocation_keeps_floors_and_never_empties_a_layer():
         allocate(graph, scores, "params=0.05", allocation="global", layers=[0, 1, 2])
 
 
+def test_an_unreachable_target_says_how_far_it_can_go_and_what_reaches_further():
+    model = tiny_model("gemma3", num_hidden_layers=4, num_key_value_heads=1)  # one KV group, as Gemma-3-270M
+    graph = build_graph(model)
+    assert graph.n_kv == 1 < graph.n_heads
+    scores = _scores(graph, [1, 2])
+    with pytest.raises(WidthError) as caught:
+        allocate(graph, scores, "params=0.05", allocation="uniform", layers=[1, 2])
+    message = str(caught.value)
+    deepest = float(message.split("still keeps ")[1].split("%")[0]) / 100
+    # the figure is the plan that removes everything the settings allow
+    counts = {("ffn_channel", i): graph.intermediate - 8 for i in (1, 2)}
+    kept = graph.total_params - sum(n * graph.group(k, i).params_per_unit for (k, i), n in counts.items())
+    assert deepest == pytest.approx(kept / graph.total_params, abs=1e-3)
+    for fix in ("milder target", "--layers all", "--gqa query_heads", "--prune-hidden"):
+        assert fix in message
+    assert "floor=0" not in message  # the default floor is already 0
+    # a global ranking fails the same way, and a reachable target goes through
+    with pytest.raises(WidthError, match="out of reach with global allocation"):
+        allocate(graph, scores, "params=0.05", allocation="global", layers=[1, 2])
+    allocate(graph, scores, f"params={math.ceil(deepest * 1000) / 1000 + 0.01}", allocation="uniform", layers=[1, 2])
+
+
 def test_query_heads_mode_removes_heads_evenly_from_every_kv_group():
     model = tiny_model("llama")  # 9 heads in 3 KV groups
     graph = build_graph(model)

@@ -431,6 +431,24 @@ def allocate(graph: Graph, scores: dict, target, *, allocation: str = "uniform",
     def cost(counts, hidden_kept):
         return _plan_from_counts(graph, subs, counts, hidden_kept, align).cost(graph)["params"]
 
+    def out_of_reach(how: str, hidden) -> WidthError:
+        """The error for an unreachable target: how far these settings can go, and what reaches further."""
+        deepest = cost([_removed_steps(s, s.max_steps) for s in subs], hidden) / dense
+        fixes = [f"a milder target (params={math.ceil(deepest * 1000) / 1000:g} or more)"]
+        pruned_layers = {s.layer for s in subs}
+        if len(pruned_layers) < graph.n_layers:
+            fixes.append(f"more prunable layers (--layers all; now {len(pruned_layers)} of {graph.n_layers})")
+        if attn and all(subs[j].kind == "kv_group" for j in attn) and graph.n_heads > graph.n_kv:
+            fixes.append(f"--gqa query_heads (a layer keeps at least one of its {graph.n_kv} KV group(s), "
+                         f"so whole-group removal frees little)")
+        if floor > 0:
+            fixes.append(f"a lower floor (-O floor=0; now {floor:g})")
+        if hidden is None:
+            fixes.append("--prune-hidden (the embeddings and residual width are otherwise kept whole)")
+        return WidthError(f"target {target} is out of reach {how}: removing every prunable unit down to its "
+                          f"floor still keeps {deepest:.1%} of the parameters. Fix: {'; or '.join(fixes)} "
+                          "(the Python options have the same names)")
+
     def uniform_counts(r_attn, r_ffn):
         counts = [0] * len(subs)
         for j in attn:
@@ -446,7 +464,7 @@ def allocate(graph: Graph, scores: dict, target, *, allocation: str = "uniform",
             r = _search(lambda r: cost(uniform_counts(r, r), _hidden_kept(graph, hidden_scores, r, align)),
                         budget, 0.0, 0.99)
             if r is None:
-                raise WidthError(f"target {target} is out of reach with these layers and floors")
+                raise out_of_reach("even with the hidden width pruned", _hidden_kept(graph, hidden_scores, 0.99, align))
             hidden_ratio = r
         hidden_kept = _hidden_kept(graph, hidden_scores, hidden_ratio, align)
         info["hidden_ratio"] = round(hidden_ratio, 4)
@@ -456,7 +474,7 @@ def allocate(graph: Graph, scores: dict, target, *, allocation: str = "uniform",
             return uniform_counts(r if attn_ratio is None else attn_ratio, r)
         found = _search(lambda r: cost(counts_for(r), hidden_kept), budget, 0.0, 1.0)
         if found is None:
-            raise WidthError(f"target {target} is out of reach with uniform allocation over these layers and floors")
+            raise out_of_reach("with uniform allocation", hidden_kept)
         counts = counts_for(found)
         if attn_ratio is None:  # attention steps are coarse: refill the FFN up to the budget
             fixed = {j: counts[j] for j in attn}
@@ -492,7 +510,7 @@ def allocate(graph: Graph, scores: dict, target, *, allocation: str = "uniform",
         top = 1.0 / max(min([w for w in weights.values() if w > 0] or [1.0]), 1e-9)
         found = _search(lambda s: cost(counts_for(s), hidden_kept), budget, 0.0, top)
         if found is None:
-            raise WidthError(f"target {target} is out of reach with this schedule and floors")
+            raise out_of_reach("with this schedule", hidden_kept)
         counts = counts_for(found)
         info["scale"] = round(found, 6)
     else:
@@ -522,7 +540,7 @@ def allocate(graph: Graph, scores: dict, target, *, allocation: str = "uniform",
             return [_removed_steps(sub, c) for sub, c in zip(subs, raw)]
         found = _search(lambda k: cost(counts_for(k), hidden_kept), budget, 0, len(order), integer=True)
         if found is None:
-            raise WidthError(f"target {target} is out of reach: every layer is at its floor (floor={floor})")
+            raise out_of_reach("with global allocation", hidden_kept)
         counts = counts_for(found)
         info["steps"] = int(found)
     plan = _plan_from_counts(graph, subs, counts, hidden_kept, align)
