@@ -65,8 +65,7 @@ def patch_torch_pruning() -> None:
 
 
 def _set_attention_implementation(model, impl: str) -> None:
-    model.config._attn_implementation = impl
-    for module in model.modules():
+    for module in model.modules():   # the model itself and every submodule holding a config
         if hasattr(module, "config") and hasattr(module.config, "_attn_implementation"):
             module.config._attn_implementation = impl
 

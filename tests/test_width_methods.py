@@ -354,6 +354,12 @@ def test_an_unreachable_target_says_how_far_it_can_go_and_what_reaches_further()
     with pytest.raises(WidthError, match="out of reach with global allocation"):
         allocate(graph, scores, "params=0.05", allocation="global", layers=[1, 2])
     allocate(graph, scores, f"params={math.ceil(deepest * 1000) / 1000 + 0.01}", allocation="uniform", layers=[1, 2])
+    # with several KV groups, whole-group removal reaches further than query heads: no such hint
+    model = tiny_model("llama")  # 3 KV groups
+    graph = build_graph(model)
+    with pytest.raises(WidthError) as caught:
+        allocate(graph, _scores(graph, [0, 1]), "params=0.05", layers=[0, 1])
+    assert "--gqa" not in str(caught.value) and "--prune-hidden" in str(caught.value)
 
 
 def test_query_heads_mode_removes_heads_evenly_from_every_kv_group():

@@ -438,9 +438,9 @@ def allocate(graph: Graph, scores: dict, target, *, allocation: str = "uniform",
         pruned_layers = {s.layer for s in subs}
         if len(pruned_layers) < graph.n_layers:
             fixes.append(f"more prunable layers (--layers all; now {len(pruned_layers)} of {graph.n_layers})")
-        if attn and all(subs[j].kind == "kv_group" for j in attn) and graph.n_heads > graph.n_kv:
-            fixes.append(f"--gqa query_heads (a layer keeps at least one of its {graph.n_kv} KV group(s), "
-                         f"so whole-group removal frees little)")
+        if attn and all(subs[j].kind == "kv_group" for j in attn) and graph.n_kv == 1 < graph.n_heads:
+            # with several groups, whole-group removal already reaches further than query heads
+            fixes.append("--gqa query_heads (one KV group per layer: whole-group removal cannot touch attention)")
         if floor > 0:
             fixes.append(f"a lower floor (-O floor=0; now {floor:g})")
         if hidden is None:
