@@ -79,3 +79,47 @@ def test_layer_suite_rows_and_greedy_prefixes(folder, tmp_path):
     summary = (out / "summary.md").read_text()
     for family in ("| layer |", "| width |", "| Torch-Pruning | tp:l2"):
         assert summary.count(family) == 2, family
+
+
+def load_gpu_latency():
+    spec = importlib.util.spec_from_file_location("bench_gpu_latency", ROOT / "benchmarks" / "gpu_latency.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_latency_unaligned_control_is_the_same_plan_one_channel_narrower_and_unaligned(tmp_path):
+    from structlm.pipeline import prune
+    from structlm.plan import LayerPlan, PrunePlan
+
+    gpu = load_gpu_latency()
+    plan = PrunePlan(layers={0: LayerPlan(kv_groups=[0], ffn_channels=list(range(48))),
+                             1: LayerPlan(ffn_channels=list(range(40)))}, align=8)
+    control = gpu.unaligned_control(plan)
+    assert control.align == 1 and plan.align == 8   # the original is left as it was
+    assert [len(control.layers[i].ffn_channels) for i in (0, 1)] == [47, 39]
+    assert control.layers[0].kv_groups == [0]
+    model = prune(tiny_llama(), plan=control).model
+    summary = gpu.shapes(model)
+    assert summary["ffn_widths"] == [39, 47] and summary["ffn_unaligned_layers"] == 2   # not rounded back
+    assert (summary["blocks"], summary["q_heads"], summary["kv_heads"], summary["hidden"]) == (2, 6, 3, 32)
+    aligned = gpu.shapes(prune(tiny_llama(), plan=plan).model)
+    assert aligned["ffn_widths"] == [40, 48] and aligned["ffn_unaligned_layers"] == 0
+
+
+def test_gpu_latency_times_each_shape_once_in_priority_order(tmp_path):
+    gpu = load_gpu_latency()
+    layers = {str(i): {"ffn_channels": list(range(8))} for i in range(2)}
+    rows = {"layer": [{"method": "tp:l2", "target": 0.9, "tp_ratio": 0.1, "ppl": 9.0},
+                      {"method": "sleb", "target": 0.8, "removed": "blocks 1", "ppl": 5.0}],
+            "width": [{"method": "tp:l2", "target": 0.9, "tp_ratio": 0.1, "ppl": 9.0},
+                      {"method": "flap", "target": 0.9, "plan": {"layers": layers}, "ppl": 3.0},
+                      {"method": "flap", "target": 0.8, "plan": {"layers": layers}, "ppl": 4.0},
+                      {"method": "wanda_sp", "target": 0.8, "plan": {"layers": layers}, "ppl": 6.0},
+                      {"method": "magnitude", "target": 0.8, "error": "WidthError: out of reach"}]}
+    for suite, suite_rows in rows.items():
+        (tmp_path / f"{suite}.json").write_text(json.dumps({"models": {"m": {"rows": suite_rows}}}))
+    got = [(r["suite"], r["method"], r["target"]) for r in gpu.variants_of("m", tmp_path, [0.9, 0.8])]
+    assert got == [("width", "flap (unaligned control)", 0.8),   # the best width plan at 80%, unaligned
+                   ("layer", "sleb", 0.8), ("width", "flap", 0.8), ("width", "wanda_sp", 0.8),
+                   ("layer", "tp:l2", 0.9), ("width", "flap", 0.9)]
