@@ -13,11 +13,13 @@ their stored ratio and L2 importance: its recipe prunes every layer by the same 
 Two controls show what width alignment is worth: the best width plan at 80% kept, and the same
 plan with one more FFN channel removed per layer, unaligned (align=1, widths like 1023).
 
-Each variant is timed with stock transformers in bf16 (SDPA attention): prefill of 1 x 128 and
-16 x 512 tokens, and one decoding step with a KV cache at batch 1 and 16 (CUDA events, median of
---repeats after --warmup). The dense model is timed at the start and the end of each model's
-variants; speedups are against the mean of the two, and their difference is reported as drift.
-Variants run in priority order (80% kept first) until --budget-seconds are spent.
+Each variant is timed with stock transformers in bf16 (SDPA attention, eager): the interactive
+case (prefill of 1 x 128 tokens, then one cached decoding step at batch 1), where the host's
+kernel launches dominate on a large GPU, and a compute-bound batch prefill (64 x 2048 tokens),
+where the widths decide. Both prefills compute the last position's logits only, as generation
+does. All variants of a model, dense included, are timed once per round over several rounds
+(CUDA events) and the fastest round counts, so slow phases of the machine hit them alike.
+Variants are built in priority order (80% kept first) until --budget-seconds are spent.
 Writes benchmarks/results/gpu_latency.{json,md} (or --results).
 """
 
@@ -142,14 +144,47 @@ def shapes(model) -> dict:
             "ffn_widths": ffn_widths if len(ffn_widths) <= 4 else f"{ffn_widths[0]}..{ffn_widths[-1]}"}
 
 
-def time_model(model, args) -> dict:
-    out = {}
-    for regime, (batch, seq) in args.regimes.items():
-        lat = evaluate.latency(model, batch_size=batch, seq_len=seq, decode_tokens=args.decode_tokens,
-                               warmup=args.warmup, repeats=args.repeats, progress=False)
-        out[f"{regime}_prefill_ms"] = round(lat["prefill_ms"], 3)
-        out[f"{regime}_decode_ms"] = round(lat["decode_ms_per_token"], 3)
+@torch.no_grad()
+def time_once(model, batch: int, seq: int, decode_tokens: int) -> dict:
+    """One timing of each: prefill of [batch, seq] computing the last position's logits only (as
+    generation does) and, with decode_tokens > 0, the median cached decoding step after it."""
+    device = next(model.parameters()).device
+    vocab = model.config.get_text_config().vocab_size
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (batch, seq), generator=generator).to(device)
+    steps = torch.randint(0, vocab, (batch, max(decode_tokens, 1)), generator=generator).to(device)
+    timed = evaluate._timer(device)
+    state = {}
+
+    def prefill():
+        state["cache"] = model(input_ids=prompt, use_cache=decode_tokens > 0, logits_to_keep=1).cache
+
+    out = {"prefill_ms": timed(prefill)}
+    if decode_tokens:
+        times = []
+        for i in range(decode_tokens):
+            def step(i=i):
+                state["cache"] = model(input_ids=steps[:, i:i + 1], cache=state["cache"], use_cache=True).cache
+            times.append(timed(step))
+        out["decode_ms"] = statistics.median(times)
     return out
+
+
+def time_round_robin(variants: dict, args) -> dict:
+    """Every variant timed once per round, rounds repeated; the fastest of the rounds counts.
+    Interleaving makes slow phases of the machine hit every variant alike; the minimum is the
+    estimate least moved by them (host-side launch overhead dominates small-batch runs)."""
+    runs = {name: {} for name in variants}
+    for round_ in range(args.warmup + args.repeats):
+        for name, model in variants.items():
+            for regime, (batch, seq) in args.regimes.items():
+                got = time_once(model, batch, seq, args.decode_tokens if batch <= args.decode_max_batch else 0)
+                if round_ >= args.warmup:
+                    for key, ms in got.items():
+                        runs[name].setdefault(f"{regime}_{key.removesuffix('_ms')}_ms", []).append(ms)
+    return {name: {key: round(min(times), 3) for key, times in got.items()} |
+            {f"{key}_median": round(statistics.median(times), 3) for key, times in got.items()}
+            for name, got in runs.items()}
 
 
 def on_device(model, args):
@@ -158,68 +193,69 @@ def on_device(model, args):
 
 
 def run_model(model_name: str, args, harness, deadline: float) -> dict:
+    """Build every variant of one model (until the deadline), then time them all together."""
     base = random_model(model_name)
-    dense = on_device(copy.deepcopy(base), args)
-    block = {"dense": {"params": models.count_parameters(dense), **shapes(dense)}, "rows": []}
-    first = time_model(dense, args)
-    del dense
+    variants = {"dense": on_device(copy.deepcopy(base), args)}
+    block = {"dense": {"params": models.count_parameters(variants["dense"]), **shapes(variants["dense"])},
+             "rows": []}
     calib = torch.randint(0, base.config.vocab_size, (10, 32))   # TP traces with it; its values are irrelevant
-    for row in variants_of(model_name, args.source, args.targets):
+    for i, row in enumerate(variants_of(model_name, args.source, args.targets)):
         if time.perf_counter() > deadline:
             block["skipped_for_time"] = block.get("skipped_for_time", 0) + 1
             continue
         shape_row = dict(row, method=row["method"].replace("taylor-", ""))   # TP: L2 gives the same widths
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = harness.rebuild(shape_row, base, calib)
-        model = on_device(model, args)
-        entry = {"suite": row["suite"], "method": row["method"], "target": row["target"], "ppl": row["ppl"],
-                 "params": models.count_parameters(model), **shapes(model), **time_model(model, args)}
-        block["rows"].append(entry)
-        print(f"{model_name} {entry['suite']} {entry['method']} {entry['target']:.0%}: "
-              + " ".join(f"{k}={v}" for k, v in entry.items() if k.endswith("_ms")), flush=True)
-        del model
-        torch.cuda.empty_cache() if args.device == "cuda" else None
-    dense = on_device(copy.deepcopy(base), args)
-    last = time_model(dense, args)
-    block["dense"].update({key: round((first[key] + last[key]) / 2, 3) for key in first})
-    block["dense"]["drift"] = {key: round(last[key] / first[key] - 1, 4) for key in first}
+            model = on_device(harness.rebuild(shape_row, base, calib), args)
+        variants[i] = model
+        block["rows"].append({"variant": i, "suite": row["suite"], "method": row["method"], "target": row["target"],
+                              "ppl": row["ppl"], "params": models.count_parameters(model), **shapes(model)})
+    print(f"{model_name}: timing dense + {len(block['rows'])} variants, "
+          f"{args.warmup} + {args.repeats} rounds", flush=True)
+    timings = time_round_robin(variants, args)
+    block["dense"].update(timings.pop("dense"))
+    keys = [k for k in block["dense"] if k.endswith("_ms")]
     for entry in block["rows"]:
-        entry["speedup"] = {key: round(block["dense"][key] / entry[key], 3) for key in first}
+        entry.update(timings[entry.pop("variant")])
+        entry["speedup"] = {key: round(block["dense"][key] / entry[key], 3) for key in keys}
         entry["params_kept"] = round(entry["params"] / block["dense"]["params"], 4)
+    del variants
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
     return block
 
 
 def write_markdown(result: dict, path: Path) -> None:
-    regimes = result["regimes"]
-    keys = [f"{r}_{p}_ms" for r in regimes for p in ("prefill", "decode")]
     lines = [f"# GPU latency of the benchmarked shapes: {result['gpu']}", "",
              f"`{result['command']}` — {result['dtype']}, torch {result['torch']}, transformers "
-             f"{result['transformers']}, SDPA attention, stock `transformers` forward (no CUDA graphs, no "
-             f"compile). Random weights in each row's exact shapes (see the script's docstring). "
-             f"Prefill: one forward of batch x prompt tokens; decode: one cached step at that batch after the "
-             f"prompt. Median of {result['repeats']} after {result['warmup']} warm-ups; speedup = dense / pruned "
-             f"(dense timed before and after; drift shown). ppl: from the CPU quality benchmark.", ""]
+             f"{result['transformers']}, SDPA attention, stock `transformers` eager forward (no CUDA graphs, no "
+             f"compile). Random weights in each row's exact shapes (see the script's docstring). Prefill: one "
+             f"forward of batch x prompt tokens computing the last position's logits (as generation does); "
+             f"decode: one cached step after that prompt (median of {result['decode_tokens']} steps). Every "
+             f"variant of a model, dense included, is timed once per round; fastest of {result['repeats']} rounds "
+             f"after {result['warmup']} warm-up rounds (median in the JSON). Speedup = dense time / pruned time. "
+             f"ppl: from the CPU quality benchmark (`layer.md`, `width.md`).", ""]
     for model_name, block in result["models"].items():
         d = block["dense"]
+        keys = [k for k in d if k.endswith("_ms")]
+        names = [k.removesuffix("_ms").replace("_", " ") for k in keys]
         lines += [f"## {model_name}", "",
-                  f"Dense: {d['params'] / 1e6:.1f}M params; "
-                  + ", ".join(f"{k.removesuffix('_ms').replace('_', ' ')} {d[k]:.2f} ms" for k in keys)
-                  + "; drift start->end " + ", ".join(f"{v:+.1%}" for v in d["drift"].values()) + ".", "",
+                  f"Dense: {d['params'] / 1e6:.1f}M params; " + ", ".join(f"{n} {d[k]:.2f} ms" for n, k in zip(names, keys))
+                  + " (median over rounds: " + ", ".join(f"{d[k + '_median']:.2f}" for k in keys) + ").", "",
                   "| target kept | suite | method | params kept | ppl | blocks | heads/KV | hidden | FFN widths | "
-                  "unaligned FFN layers | " + " | ".join(f"prefill {r} | decode b{v['batch']}" for r, v in regimes.items())
-                  + " |", "|---" * (10 + len(keys)) + "|"]
+                  "unaligned FFN layers | " + " | ".join(names) + " |", "|---" * (10 + len(keys)) + "|"]
         for e in block["rows"]:
             s = e["speedup"]
             lines.append(f"| {e['target']:.0%} | {e['suite']} | {e['method']} | {e['params_kept']:.1%} | "
-                         f"{e['ppl']:.4g} | {e['blocks']} | {e['q_heads']}/{e['kv_heads']} | {e['hidden']} | {e['ffn_widths']} | "
-                         f"{e['ffn_unaligned_layers']} | " + " | ".join(f"x{s[k]:.2f}" for k in keys) + " |")
+                         f"{e['ppl']:.4g} | {e['blocks']} | {e['q_heads']}/{e['kv_heads']} | {e['hidden']} | "
+                         f"{e['ffn_widths']} | {e['ffn_unaligned_layers']} | "
+                         + " | ".join(f"x{s[k]:.2f}" for k in keys) + " |")
         if block.get("skipped_for_time"):
             lines.append(f"\n{block['skipped_for_time']} rows not timed (--budget-seconds spent).")
         slower = [e for e in block["rows"] if min(e["speedup"].values()) < 1.0]
         lines += ["", f"Rows slower than dense in some regime: {len(slower)} of {len(block['rows'])}"
                   + (" (" + "; ".join(f"{e['method']} {e['target']:.0%}: "
-                                      + ", ".join(f"{k.removesuffix('_ms')} x{v:.2f}"
+                                      + ", ".join(f"{k.removesuffix('_ms').replace('_', ' ')} x{v:.2f}"
                                                   for k, v in e["speedup"].items() if v < 1.0)
                                       for e in slower) + ")" if slower else "") + ".", ""]
     path.write_text("\n".join(lines) + "\n")
@@ -231,12 +267,13 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", default="0.9,0.8,0.7,0.5", help="fractions kept, comma-separated")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--regimes", default="1x128,16x512", help="batch x prompt tokens, comma-separated")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--regimes", default="1x128,64x2048", help="batch x prompt tokens, comma-separated")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds")
+    ap.add_argument("--repeats", type=int, default=5, help="timed rounds")
     ap.add_argument("--decode-tokens", type=int, default=8)
+    ap.add_argument("--decode-max-batch", type=int, default=1, help="decode is timed in regimes up to this batch")
     ap.add_argument("--budget-seconds", type=float, default=float("inf"),
-                    help="stop starting new variants after this long (the dense re-timing and tables still run)")
+                    help="stop building new variants after this long (those built are still timed)")
     ap.add_argument("--source", type=Path, default=HERE / "results", help="folder of layer.json/width.json")
     ap.add_argument("--results", type=Path, default=HERE / "results")
     ap.add_argument("--write-configs", action="store_true",
