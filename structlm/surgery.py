@@ -116,15 +116,20 @@ def _apply_biases(model, plan: PrunePlan, graph, adapter) -> None:
         _set_bias(module, torch.tensor(values, dtype=module.weight.dtype, device=module.weight.device))
 
 
-def _check_hidden_supported(adapter, plan):
-    if plan.hidden_channels is None:
-        return
+def hidden_pruning_refusal(adapter) -> str | None:
+    """Why hidden channels of this family cannot be pruned exactly, or None if they can."""
     if adapter.norm_kind not in HIDDEN_PRUNABLE_NORMS or adapter.embed_projections() or adapter.qk_norm_modules:
-        raise PlanError(
-            f"hidden-channel pruning is exact only for plain RMSNorm families without q/k norms (llama, "
-            f"mistral, qwen2, phi3); {adapter.family} uses {adapter.norm_kind}"
-            + (" with q/k norms" if adapter.qk_norm_modules else "")
-            + ". Prune heads, FFN channels, sublayers or blocks instead.")
+        return (f"hidden-channel pruning is exact only for plain RMSNorm families without q/k norms (llama, "
+                f"mistral, qwen2, phi3); {adapter.family} uses {adapter.norm_kind}"
+                + (" with q/k norms" if adapter.qk_norm_modules else "")
+                + ". Prune heads, FFN channels, sublayers or blocks instead.")
+    return None
+
+
+def _check_hidden_supported(adapter, plan):
+    refusal = hidden_pruning_refusal(adapter) if plan.hidden_channels is not None else None
+    if refusal:
+        raise PlanError(refusal)
 
 
 def _keep_index(size: int, spans: list[tuple[int, int]]) -> torch.Tensor:

@@ -4,6 +4,7 @@ allocation, FLAP's bias compensation, the model left unchanged, save/reload of e
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 
 import pytest
@@ -350,6 +351,9 @@ def test_an_unreachable_target_says_how_far_it_can_go_and_what_reaches_further()
     for fix in ("milder target", "--layers all", "--gqa query_heads", "--prune-hidden"):
         assert fix in message
     assert "floor=0" not in message  # the default floor is already 0
+    with pytest.raises(WidthError) as caught:   # where the family or method refuses hidden pruning
+        allocate(graph, scores, "params=0.05", layers=[1, 2], hidden_option=False)
+    assert "--prune-hidden" not in str(caught.value) and "--gqa query_heads" in str(caught.value)
     # a global ranking fails the same way, and a reachable target goes through
     with pytest.raises(WidthError, match="out of reach with global allocation"):
         allocate(graph, scores, "params=0.05", allocation="global", layers=[1, 2])
@@ -360,6 +364,23 @@ def test_an_unreachable_target_says_how_far_it_can_go_and_what_reaches_further()
     with pytest.raises(WidthError) as caught:
         allocate(graph, _scores(graph, [0, 1]), "params=0.05", layers=[0, 1])
     assert "--gqa" not in str(caught.value) and "--prune-hidden" in str(caught.value)
+
+
+@pytest.mark.parametrize("family,method,offered", [("gemma3", "magnitude", False), ("llama", "magnitude", True),
+                                                   ("llama", "flap", False)])
+def test_the_out_of_reach_error_offers_prune_hidden_only_where_it_would_be_accepted(family, method, offered):
+    model = tiny_model(family)
+    with pytest.raises(WidthError, match="out of reach") as caught:
+        make_plan(model, method=method, target="params=0.05", calib=calib_for(model))
+    assert ("--prune-hidden" in str(caught.value)) == offered
+
+
+def test_prune_hidden_on_a_family_with_qk_norms_is_refused_before_scoring(monkeypatch):
+    model = tiny_model("gemma3")
+    wanda_module = importlib.import_module("structlm.methods.wanda_sp")
+    monkeypatch.setattr(wanda_module, "projection_modules", lambda *a, **k: pytest.fail("scored before refusing"))
+    with pytest.raises(WidthError, match="--prune-hidden: hidden-channel pruning is exact only .* q/k norms"):
+        make_plan(model, method="wanda_sp", target="params=0.8", calib=calib_for(model), options={"prune_hidden": True})
 
 
 def test_query_heads_mode_removes_heads_evenly_from_every_kv_group():

@@ -395,8 +395,8 @@ def _search(evaluate, budget: int, lo: float, hi: float, integer: bool = False, 
 
 def allocate(graph: Graph, scores: dict, target, *, allocation: str = "uniform", layers: list[int] | None = None,
              schedule=None, floor: float = 0.0, align: int = 8, hidden_scores=None, hidden_ratio: float | None = None,
-             attn_ratio: float | None = None, global_score: str = "density", remove_sublayers: bool = False
-             ) -> tuple[PrunePlan, dict]:
+             attn_ratio: float | None = None, global_score: str = "density", remove_sublayers: bool = False,
+             hidden_option: bool = True) -> tuple[PrunePlan, dict]:
     """A plan removing the lowest-scored units so that ``plan.cost(graph)["params"]`` is at most
     ``target`` (a ``params`` keep fraction), as close to it as the unit sizes and alignment allow.
 
@@ -412,7 +412,8 @@ def allocate(graph: Graph, scores: dict, target, *, allocation: str = "uniform",
 
     With ``hidden_scores`` the residual width is pruned too: ``hidden_ratio`` of it, or by
     default the uniform fraction that alone would give the target over the whole model.
-    Kept FFN and hidden widths are multiples of ``align``.
+    Kept FFN and hidden widths are multiples of ``align``.  ``hidden_option``: whether an
+    out-of-reach error may offer --prune-hidden (not where the family or method refuses it).
     """
     target = parse_target(target)
     if target.kind != "params":
@@ -443,7 +444,7 @@ def allocate(graph: Graph, scores: dict, target, *, allocation: str = "uniform",
             fixes.append("--gqa query_heads (one KV group per layer: whole-group removal cannot touch attention)")
         if floor > 0:
             fixes.append(f"a lower floor (-O floor=0; now {floor:g})")
-        if hidden is None:
+        if hidden is None and hidden_option:
             fixes.append("--prune-hidden (the embeddings and residual width are otherwise kept whole)")
         return WidthError(f"target {target} is out of reach {how}: removing every prunable unit down to its "
                           f"floor still keeps {deepest:.1%} of the parameters. Fix: {'; or '.join(fixes)} "
@@ -560,18 +561,25 @@ def widths_table(plan: PrunePlan, graph: Graph) -> list[dict]:
             for r in plan.shapes(graph)]
 
 
-def width_options(graph: Graph, options: dict, *, default_layers=None, default_allocation: str = "uniform"):
-    """Common options of the width methods -> (allocation kwargs, gqa, layers, prune_hidden)."""
+def width_options(model, graph: Graph, options: dict, *, default_layers=None, default_allocation: str = "uniform"):
+    """Common options of the width methods -> (allocation kwargs, gqa, layers, prune_hidden).
+    A family whose hidden width cannot be pruned exactly is refused here, before any scoring."""
+    from ..families import get_adapter
+    from ..surgery import hidden_pruning_refusal
+
     layers = parse_layers(options.pop("layers", default_layers), graph.n_layers)
     if not layers:
         layers = list(range(graph.n_layers))
     gqa = options.pop("gqa", "kv_groups")
     attention_kind(graph, gqa)
     prune_hidden = bool(options.pop("prune_hidden", False))
+    refusal = hidden_pruning_refusal(get_adapter(model.config))
+    if prune_hidden and refusal:
+        raise WidthError(f"--prune-hidden: {refusal}")
     alloc = dict(allocation=options.pop("allocation", default_allocation), schedule=options.pop("schedule", None),
                  floor=float(options.pop("floor", 0.0)), align=int(options.pop("align", 8)),
                  hidden_ratio=options.pop("hidden_ratio", None), attn_ratio=options.pop("attn_ratio", None),
-                 remove_sublayers=bool(options.pop("remove_sublayers", False)))
+                 remove_sublayers=bool(options.pop("remove_sublayers", False)), hidden_option=refusal is None)
     return alloc, gqa, layers, prune_hidden
 
 

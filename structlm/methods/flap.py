@@ -72,7 +72,7 @@ def compensation(weight: torch.Tensor, in_dim: int, mean: torch.Tensor, removed:
 @register("flap")
 @torch.no_grad()
 def flap(model, graph, target, calib, **options):
-    alloc, gqa, layers, prune_hidden = width_options(graph, options, default_allocation="global")
+    alloc, gqa, layers, prune_hidden = width_options(model, graph, options, default_allocation="global")
     metric = options.pop("metric", "WIFV")
     bias = options.pop("bias", "auto")
     batch_size = int(options.pop("batch_size", 4))
@@ -81,6 +81,7 @@ def flap(model, graph, target, calib, **options):
     if prune_hidden:
         raise WidthError("flap prunes heads and FFN channels only; hidden channels (--prune-hidden) are not part "
                          "of FLAP (use magnitude, wanda_sp or llm_pruner)")
+    alloc["hidden_option"] = False   # so an out-of-reach error does not offer --prune-hidden
     if metric not in METRICS:
         raise WidthError(f"flap: unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     params = dict(model.named_parameters())

@@ -178,7 +178,7 @@ def taylor_scores(model, graph, calib: torch.Tensor, layers: list[int], *, taylo
 
 @register("llm_pruner")
 def llm_pruner(model, graph, target, calib, **options):
-    alloc, gqa, layers, prune_hidden = width_options(graph, options, default_layers=default_layers(graph))
+    alloc, gqa, layers, prune_hidden = width_options(model, graph, options, default_layers=default_layers(graph))
     taylor = options.pop("taylor", "param_first")
     how = options.pop("aggregate", "sum")
     max_samples = options.pop("max_samples", 10)

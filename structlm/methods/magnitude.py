@@ -38,7 +38,7 @@ def magnitude_scores(model, graph, layers, *, p: float = 2.0, gqa: str = "kv_gro
 @register("magnitude")
 @torch.no_grad()
 def magnitude(model, graph, target, calib=None, **options):
-    alloc, gqa, layers, prune_hidden = width_options(graph, options)
+    alloc, gqa, layers, prune_hidden = width_options(model, graph, options)
     p = float(options.pop("p", 2))
     how = options.pop("aggregate", "sum")
     global_score = options.pop("global_score", "density")

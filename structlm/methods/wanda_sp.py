@@ -60,7 +60,7 @@ def wanda_elements(model, stats: InputStats):
 @register("wanda_sp")
 @torch.no_grad()
 def wanda_sp(model, graph, target, calib, **options):
-    alloc, gqa, layers, prune_hidden = width_options(graph, options)
+    alloc, gqa, layers, prune_hidden = width_options(model, graph, options)
     scope = options.pop("scope", "out")
     how = options.pop("aggregate", "sum")
     batch_size = int(options.pop("batch_size", 4))
