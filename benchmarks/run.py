@@ -23,6 +23,7 @@ import copy
 import json
 import math
 import platform
+import re
 import sys
 import time
 import warnings
@@ -32,6 +33,7 @@ import torch
 
 from structlm import data, evaluate, models, zeroshot
 from structlm.anchors import tp_prune_to_params
+from structlm.cli_prune import parse_option
 from structlm.graph import build_graph
 from structlm.methods._layers import finish_plan, target_reached
 from structlm.pipeline import PeakMemory, make_plan
@@ -49,6 +51,20 @@ METHOD_OPTIONS = {"sleb": {"screen_samples": 8, "lazy": True, "dtype": "auto"}}
 # Greedy searches are sequential: the plan for a milder target is a prefix of the plan for a
 # harsher one, so one search to the harshest target gives every row (time: up to that step).
 GREEDY = ("finercut", "sleb")
+
+
+def method_spec(spec: str) -> tuple[str, dict]:
+    """A method with options, as rows name it: "wanda_sp[gqa=query_heads,layers=all]" ->
+    ("wanda_sp", {"gqa": "query_heads", "layers": "all"}) on top of METHOD_OPTIONS."""
+    name, _, rest = spec.partition("[")
+    options = dict(METHOD_OPTIONS.get(name, {}))
+    options.update(parse_option(item) for item in filter(None, rest.removesuffix("]").split(",")))
+    return name, options
+
+
+def split_methods(text: str) -> list[str]:
+    """--methods "flap,wanda_sp[gqa=query_heads,layers=all]": commas inside brackets belong to the method."""
+    return [m for m in re.split(r",(?![^\[]*\])", text) if m]
 TASKS = ["arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq"]
 
 
@@ -105,20 +121,20 @@ class GreedyRun:
 
     def __init__(self, method: str, dense, calib, target: float, cache: dict | None = None):
         self.graph = build_graph(dense)
-        self.method = method
+        self.method, options = method_spec(method)
         cached = (cache or {}).get(method)
-        if cached and cached["target"] <= target and cached["options"] == METHOD_OPTIONS.get(method, {}):
+        if cached and cached["target"] <= target and cached["options"] == options:
             self.info, self.seconds, self.peak = cached["info"], cached["seconds"], cached["peak_bytes"]
         else:
             with PeakMemory() as mem:
-                _, info, stats = make_plan(dense, method=method, target=f"params={target}", calib=calib,
-                                           graph=self.graph, options=METHOD_OPTIONS.get(method))
+                _, info, stats = make_plan(dense, method=self.method, target=f"params={target}", calib=calib,
+                                           graph=self.graph, options=dict(options))
             self.info = {"removal_order": info["removal_order"],
                          "steps": [{k: v for k, v in st.items() if k != "candidate_scores"} for st in info["steps"]],
                          "cost": info.get("cost")}
             self.seconds, self.peak = stats["score_seconds"], mem.extra_bytes
             if cache is not None:
-                cache[method] = {"target": target, "options": METHOD_OPTIONS.get(method, {}), "info": self.info,
+                cache[method] = {"target": target, "options": options, "info": self.info,
                                  "seconds": self.seconds, "peak_bytes": self.peak}
         self.order = self.info["removal_order"]
         self.setup_seconds = self.seconds - sum(s["seconds"] for s in self.info["steps"])
@@ -137,6 +153,7 @@ def prune_row(method: str, dense, tok, calib, target: float, greedy: GreedyRun |
     RAM cover scoring + shrinking of that copy (not the copy itself); Torch-Pruning's cover its
     whole ratio search, its working copies included."""
     model = None if method.startswith("tp:") else copy.deepcopy(dense)
+    name, options = method_spec(method)
     start = time.perf_counter()
     score = {}
     with PeakMemory() as mem:
@@ -153,16 +170,16 @@ def prune_row(method: str, dense, tok, calib, target: float, greedy: GreedyRun |
             plan, search_seconds = greedy.plan(target)
             plan, _, _ = make_plan(model, plan=plan)
             shrink(model, plan)
-            info = {"removed": _removed_text(plan), "options": METHOD_OPTIONS.get(method, {}),
+            info = {"removed": _removed_text(plan), "options": options,
                     "plan": plan.to_dict(), "note": "prefix of one greedy search; time = search steps up to this target + shrink, "
                             "peak = the whole search's"}
             start -= search_seconds
             score = {"score_seconds": round(search_seconds, 1), "score_peak_extra_mib": round(greedy.peak / 2**20)}
         else:
-            plan, _, stats = make_plan(model, method=method, target=f"params={target}", calib=calib,
-                                       options=METHOD_OPTIONS.get(method))
+            plan, _, stats = make_plan(model, method=name, target=f"params={target}", calib=calib,
+                                       options=dict(options))
             shrink(model, plan)
-            info = {"removed": _removed_text(plan), "options": METHOD_OPTIONS.get(method, {}),
+            info = {"removed": _removed_text(plan), "options": options,
                     "plan": plan.to_dict(), "plan_meta": {k: v for k, v in plan.meta.items() if k != "removal_order"}}
             score = {"score_seconds": stats["score_seconds"],
                      "score_peak_extra_mib": round(stats["score_peak_extra_bytes"] / 2**20)}
@@ -310,7 +327,9 @@ def main(argv=None) -> int:
     ap.add_argument("--suite", choices=[*SUITES, "all"], required=True)
     ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
     ap.add_argument("--targets", default=None, help="fractions of parameters kept, comma-separated")
-    ap.add_argument("--methods", default=None, help="subset of the suite's methods, comma-separated")
+    ap.add_argument("--methods", default=None,
+                    help="methods, comma-separated: the suite's (default: all of them) or any registered one, "
+                         "options in brackets: wanda_sp[gqa=query_heads,layers=all]")
     ap.add_argument("--eval-tokens", type=int, default=32768)
     ap.add_argument("--limit", type=int, default=100, help="zero-shot items per task (0: skip zero-shot)")
     ap.add_argument("--zero-shot-targets", default=None,
@@ -343,7 +362,7 @@ def main(argv=None) -> int:
                               if c != command] + [command]
         result.update(command=command, machine=f"{platform.machine()} CPU", torch=torch.__version__, threads=args.threads,
                       eval_tokens=args.eval_tokens, limit=args.limit, zero_shot_targets=args.zero_shot_targets)
-        methods_wanted = args.methods.split(",") if args.methods else SUITES[suite]
+        methods_wanted = split_methods(args.methods) if args.methods else SUITES[suite]
         targets = [float(t) for t in args.targets.split(",")] if args.targets else DEFAULT_TARGETS[suite]
         for model_name in args.models.split(","):
             dense, tok = models.load_model(model_name)
@@ -359,7 +378,7 @@ def main(argv=None) -> int:
                         continue
                     print(f"[{suite}] {model_name}: {method} keeping {target:.0%}", flush=True)
                     try:
-                        if method in GREEDY and method not in greedy_runs:
+                        if method_spec(method)[0] in GREEDY and method not in greedy_runs:
                             greedy_runs[method] = GreedyRun(method, dense, calib, min(targets),
                                                             block.setdefault("searches", {}))
                         model, info = prune_row(method, dense, tok, calib, target, greedy_runs.get(method))

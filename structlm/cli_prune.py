@@ -89,19 +89,23 @@ def _table(before: dict | None, after: dict, stats: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_option(item: str) -> tuple[str, object]:
+    """"KEY=VALUE" -> (key, value), the value read as JSON where it is JSON, else as text."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"-O {item!r}: write a method option as KEY=VALUE, e.g. -O screen_samples=16")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
 def _method_options(args) -> dict:
     """The width-method flags plus every -O KEY=VALUE."""
     from .methods._width import method_options
 
     options = method_options(args)
-    for item in args.option:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"-O {item!r}: write a method option as KEY=VALUE, e.g. -O screen_samples=16")
-        try:
-            options[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.strip()] = value
+    options.update(parse_option(item) for item in args.option)
     return options
 
 

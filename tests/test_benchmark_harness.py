@@ -71,11 +71,17 @@ def test_layer_suite_rows_and_greedy_prefixes(folder, tmp_path):
     assert after["models"][str(folder)]["rows"][0]["dense_prefill_ms"] > 0
     # with the width suite too: the best of each family side by side
     width = ["--suite", "width", *argv[2:]]
-    width[width.index("--methods") + 1] = "flap,magnitude"
+    width[width.index("--methods") + 1] = "flap,magnitude[gqa=query_heads,layers=1:]"
     assert harness.main(width) == 0
     wrows = json.loads((out / "width.json").read_text())["models"][str(folder)]["rows"]
-    assert {(r["method"], r["target"]) for r in wrows} == {(m, t) for m in ("flap", "magnitude") for t in (0.9, 0.7)}
+    variant = "magnitude[gqa=query_heads,layers=1:]"
+    assert {(r["method"], r["target"]) for r in wrows} == {(m, t) for m in ("flap", variant) for t in (0.9, 0.7)}
     assert all("error" not in r and r["score_peak_extra_mib"] >= 0 for r in wrows)
+    for r in wrows:   # a method with options in brackets runs with them, and the row says so
+        if r["method"] == variant:
+            assert r["options"] == {"gqa": "query_heads", "layers": "1:"}
+            assert "0" not in r["plan"]["layers"] and r["plan"]["layers"]   # layer 0 left whole
+            assert not any("kv_groups" in lp for lp in r["plan"]["layers"].values())   # heads, never groups
     summary = (out / "summary.md").read_text()
     for family in ("| layer |", "| width |", "| Torch-Pruning | tp:l2"):
         assert summary.count(family) == 2, family
@@ -123,3 +129,13 @@ def test_gpu_latency_times_each_shape_once_in_priority_order(tmp_path):
     assert got == [("width", "flap (unaligned control)", 0.8),   # the best width plan at 80%, unaligned
                    ("layer", "sleb", 0.8), ("width", "flap", 0.8), ("width", "wanda_sp", 0.8),
                    ("layer", "tp:l2", 0.9), ("width", "flap", 0.9)]
+
+
+def test_method_specs_carry_their_options():
+    harness = load_harness()
+    assert harness.split_methods("flap,wanda_sp[gqa=query_heads,layers=all],sleb") == \
+        ["flap", "wanda_sp[gqa=query_heads,layers=all]", "sleb"]
+    assert harness.method_spec("wanda_sp[gqa=query_heads,floor=0.25]") == ("wanda_sp", {"gqa": "query_heads",
+                                                                                          "floor": 0.25})
+    assert harness.method_spec("sleb") == ("sleb", harness.METHOD_OPTIONS["sleb"])
+    assert harness.method_spec("sleb[lazy=false]")[1]["lazy"] is False   # over the benchmark's own options
