@@ -375,6 +375,18 @@ def test_the_out_of_reach_error_offers_prune_hidden_only_where_it_would_be_accep
     assert ("--prune-hidden" in str(caught.value)) == offered
 
 
+@pytest.mark.parametrize("method", ["llm_pruner", "flap", "wanda_sp"])
+def test_an_unreachable_target_fails_before_any_scoring(method, monkeypatch):
+    model = tiny_model("gemma3", num_hidden_layers=4, num_key_value_heads=1)
+    calib = calib_for(model)
+    monkeypatch.setattr(torch.nn.Linear, "forward", lambda *a, **k: pytest.fail("scored before refusing"))
+    with pytest.raises(WidthError, match="out of reach"):
+        make_plan(model, method=method, target="params=0.3", calib=calib)
+    monkeypatch.undo()   # a reachable target is scored and planned as before
+    plan, _, _ = make_plan(model, method=method, target="params=0.9", calib=calib)
+    assert plan.cost(build_graph(model))["params"] <= 0.9 * build_graph(model).total_params
+
+
 def test_prune_hidden_on_a_family_with_qk_norms_is_refused_before_scoring(monkeypatch):
     model = tiny_model("gemma3")
     wanda_module = importlib.import_module("structlm.methods.wanda_sp")

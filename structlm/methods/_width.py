@@ -396,7 +396,7 @@ def _search(evaluate, budget: int, lo: float, hi: float, integer: bool = False, 
 def allocate(graph: Graph, scores: dict, target, *, allocation: str = "uniform", layers: list[int] | None = None,
              schedule=None, floor: float = 0.0, align: int = 8, hidden_scores=None, hidden_ratio: float | None = None,
              attn_ratio: float | None = None, global_score: str = "density", remove_sublayers: bool = False,
-             hidden_option: bool = True) -> tuple[PrunePlan, dict]:
+             hidden_option: bool = True, reach_only: bool = False) -> tuple[PrunePlan | None, dict]:
     """A plan removing the lowest-scored units so that ``plan.cost(graph)["params"]`` is at most
     ``target`` (a ``params`` keep fraction), as close to it as the unit sizes and alignment allow.
 
@@ -414,6 +414,7 @@ def allocate(graph: Graph, scores: dict, target, *, allocation: str = "uniform",
     default the uniform fraction that alone would give the target over the whole model.
     Kept FFN and hidden widths are multiples of ``align``.  ``hidden_option``: whether an
     out-of-reach error may offer --prune-hidden (not where the family or method refuses it).
+    ``reach_only``: only raise that error if the target is out of reach, and return (None, info).
     """
     target = parse_target(target)
     if target.kind != "params":
@@ -460,6 +461,13 @@ def allocate(graph: Graph, scores: dict, target, *, allocation: str = "uniform",
 
     hidden_kept = None
     info: dict = {"allocation": allocation, "budget_params": budget, "dense_params": dense}
+    if reach_only:
+        if allocation != "schedule":   # a schedule's zero-weight layers stay whole: checked after scoring
+            hidden = _hidden_kept(graph, hidden_scores, 0.99 if hidden_ratio is None else hidden_ratio, align)
+            if cost([_removed_steps(s, s.max_steps) for s in subs], hidden) > budget:
+                raise out_of_reach("even with the hidden width pruned" if hidden is not None
+                                   else f"with {allocation} allocation", hidden)
+        return None, info
     if hidden_scores is not None:
         if hidden_ratio is None:  # the uniform fraction for everything, hidden included
             r = _search(lambda r: cost(uniform_counts(r, r), _hidden_kept(graph, hidden_scores, r, align)),
@@ -581,6 +589,18 @@ def width_options(model, graph: Graph, options: dict, *, default_layers=None, de
                  hidden_ratio=options.pop("hidden_ratio", None), attn_ratio=options.pop("attn_ratio", None),
                  remove_sublayers=bool(options.pop("remove_sublayers", False)), hidden_option=refusal is None)
     return alloc, gqa, layers, prune_hidden
+
+
+def check_reach(graph: Graph, target, gqa: str, layers: list[int], alloc: dict, prune_hidden: bool) -> None:
+    """Raise the out-of-reach error before scoring (which takes minutes on a real model): how far
+    pruning can go depends on the units, floors and alignment, not on the scores."""
+    kind = attention_kind(graph, gqa)
+    uniform = {}
+    for i in layers:
+        uniform[(kind, i)] = torch.ones(graph.count(kind, i))
+        uniform[("ffn_channel", i)] = torch.ones(graph.count("ffn_channel", i))
+    allocate(graph, uniform, target, layers=layers, reach_only=True,
+             hidden_scores=torch.ones(graph.hidden) if prune_hidden else None, **alloc)
 
 
 def reject_unknown(method: str, options: dict) -> None:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from . import register
-from ._width import (InputStats, WidthError, allocate, attention_kind, input_dim, model_state_guard,
+from ._width import (InputStats, WidthError, allocate, attention_kind, check_reach, input_dim, model_state_guard,
                      reject_unknown, score_summary, width_options)
 from ..families import get_adapter
 from ..surgery import BIAS_FLAGS
@@ -82,6 +82,7 @@ def flap(model, graph, target, calib, **options):
         raise WidthError("flap prunes heads and FFN channels only; hidden channels (--prune-hidden) are not part "
                          "of FLAP (use magnitude, wanda_sp or llm_pruner)")
     alloc["hidden_option"] = False   # so an out-of-reach error does not offer --prune-hidden
+    check_reach(graph, target, gqa, layers, alloc, prune_hidden)
     if metric not in METRICS:
         raise WidthError(f"flap: unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     params = dict(model.named_parameters())

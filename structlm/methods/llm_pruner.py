@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from . import register
-from ._width import (WidthError, aggregate as aggregate_fn, allocate, attention_kind, member_matrix,
+from ._width import (WidthError, aggregate as aggregate_fn, allocate, attention_kind, check_reach, member_matrix,
                      model_state_guard, reject_unknown, score_summary, width_options)
 
 TAYLOR = ("param_first", "param_second", "param_mix", "vectorize")
@@ -186,6 +186,7 @@ def llm_pruner(model, graph, target, calib, **options):
     checkpoint = bool(options.pop("checkpoint", True))
     global_score = options.pop("global_score", "density")
     reject_unknown("llm_pruner", options)
+    check_reach(graph, target, gqa, layers, alloc, prune_hidden)
     if calib is None or calib.ndim != 2 or calib.shape[1] < 2:
         raise WidthError("llm_pruner needs calibration token ids [N, L] with L >= 2")
     calib = calib[:max_samples] if max_samples else calib

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import register
-from ._width import allocate, reject_unknown, score_summary, scores_from_elements, width_options
+from ._width import allocate, check_reach, reject_unknown, score_summary, scores_from_elements, width_options
 
 
 def magnitude_scores(model, graph, layers, *, p: float = 2.0, gqa: str = "kv_groups", aggregate: str = "sum",
@@ -43,6 +43,7 @@ def magnitude(model, graph, target, calib=None, **options):
     how = options.pop("aggregate", "sum")
     global_score = options.pop("global_score", "density")
     reject_unknown("magnitude", options)
+    check_reach(graph, target, gqa, layers, alloc, prune_hidden)
     scores = magnitude_scores(model, graph, layers, p=p, gqa=gqa, aggregate=how, hidden=prune_hidden)
     hidden_scores = scores.pop(("hidden_channel", None), None)
     plan, info = allocate(graph, scores, target, layers=layers, hidden_scores=hidden_scores,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from . import register
-from ._width import (InputStats, WidthError, allocate, input_dim, member_matrix, model_state_guard,
+from ._width import (InputStats, WidthError, allocate, check_reach, input_dim, member_matrix, model_state_guard,
                      aggregate as aggregate_fn, attention_kind, reject_unknown, score_summary, width_options)
 from ..families import get_adapter
 
@@ -66,6 +66,7 @@ def wanda_sp(model, graph, target, calib, **options):
     batch_size = int(options.pop("batch_size", 4))
     global_score = options.pop("global_score", "density")
     reject_unknown("wanda_sp", options)
+    check_reach(graph, target, gqa, layers, alloc, prune_hidden)
     if scope not in ("out", "unit"):
         raise WidthError(f"wanda_sp: scope must be 'out' or 'unit', not {scope!r}")
     stat_layers = range(graph.n_layers) if prune_hidden else layers
