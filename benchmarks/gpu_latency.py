@@ -10,8 +10,8 @@ no checkpoint, tokenizer or hub is needed on the GPU machine. Torch-Pruning rows
 their stored ratio and L2 importance: its recipe prunes every layer by the same ratio
 (global_pruning=False), so its widths depend on the ratio alone, not on the importance.
 
-Two controls show what width alignment is worth: the best width plan at 80% kept, and the same
-plan with one more FFN channel removed per layer, unaligned (align=1, widths like 1023).
+One control per model shows what width alignment is worth: the best width plan at 80% kept with
+one more FFN channel removed per layer and not re-aligned (align=1: widths like 1023 for 1024).
 
 Each variant is timed with stock transformers in bf16 (SDPA attention, eager): the interactive
 case (prefill of 1 x 128 tokens, then one cached decoding step at batch 1), where the host's
@@ -29,7 +29,6 @@ import argparse
 import copy
 import importlib.util
 import json
-import math
 import platform
 import statistics
 import sys

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
               "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "shrink_latency.json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = [f"# Shrink and CPU latency: SmolLM2-135M, 25% smaller", "",
+    lines = ["# Shrink and CPU latency: SmolLM2-135M, 25% smaller", "",
              f"`{result['command']}` — CPU, {args.threads} threads, prefill batch {args.batch} x {args.seq} tokens, "
              f"decode per token with KV cache; median of {args.rounds} alternating rounds. Model {result['model_mib']} MiB fp32.",
              "", "| variant | params kept | prefill ms | prefill speedup | decode ms/token | decode speedup | shrink s | shrink peak extra MiB | checkpoint |",
