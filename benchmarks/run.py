@@ -250,6 +250,10 @@ def write_markdown(results_dir: Path, suite: str, result: dict) -> None:
         order = {m: k for k, m in enumerate(SUITES.get(suite, []))}
         rows = sorted(block["rows"], key=lambda r: (-r["target"], order.get(r["method"], len(order)), r["method"]))
         for row in rows:
+            if "error" in row:   # its message is listed below the table
+                kind = "out of reach" if "out of reach" in row["error"] else row["error"].partition(":")[0]
+                lines.append(f"| {row['target']:.0%} | {row['method']} | {kind} (below) |" + " - |" * 7)
+                continue
             zs = f"{row['zero_shot_avg']:.3f}" if "zero_shot_avg" in row else (
                 "collapsed" if "zero_shot_skipped" in row else "-")
             prefill_x, decode_x = speedups(row, dense)
@@ -274,7 +278,8 @@ def write_summary(results_dir: Path) -> None:
         return
     lines = ["# Best layer method vs best width method vs Torch-Pruning", "",
              "Best = lowest held-out perplexity at the target, from `layer.md` and `width.md` (same protocol, "
-             "same dense model); Torch-Pruning: the best of its runs in either suite.", ""]
+             "same dense model), among the rows that reach it (at most 1 point more parameters kept); "
+             "Torch-Pruning: the best of its runs in either suite.", ""]
     for model_name in suites["layer"]["models"]:
         blocks = {name: r["models"].get(model_name) for name, r in suites.items()}
         if not all(blocks.values()):
@@ -288,6 +293,7 @@ def write_summary(results_dir: Path) -> None:
             for family, rows in (("layer", blocks["layer"]["rows"]), ("width", blocks["width"]["rows"]),
                                  ("Torch-Pruning", blocks["layer"]["rows"] + blocks["width"]["rows"])):
                 ok = [r for r in rows if r["target"] == target and not math.isnan(r["ppl"])
+                      and r["params"] / dense["params"] <= target + 0.01   # a ratio search can stop short
                       and r["method"].startswith("tp:") == (family == "Torch-Pruning")]
                 if ok:
                     picks.append((family, min(ok, key=lambda r: r["ppl"])))
