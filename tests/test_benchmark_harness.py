@@ -139,3 +139,25 @@ def test_method_specs_carry_their_options():
                                                                                           "floor": 0.25})
     assert harness.method_spec("sleb") == ("sleb", harness.METHOD_OPTIONS["sleb"])
     assert harness.method_spec("sleb[lazy=false]")[1]["lazy"] is False   # over the benchmark's own options
+
+
+def test_summary_prefers_rows_that_reach_the_target(tmp_path):
+    harness = load_harness()
+
+    def row(method, kept, ppl):
+        return {"method": method, "target": 0.7, "params": kept * 1000, "ppl": ppl, "prefill_ms": 1.0, "decode_ms": 1.0}
+    dense = {"params": 1000, "ppl": 10.0, "prefill_ms": 2.0, "decode_ms": 2.0}
+    layer = {"models": {"m": {"dense": dense, "rows": [row("sleb", 0.69, 50.0), row("tp:l2", 0.698, 900.0)]}}}
+    width = {"models": {"m": {"dense": dense, "rows": [row("flap", 0.70, 40.0),
+                                                       row("tp:taylor-hidden-kept", 0.749, 300.0)]}}}
+    (tmp_path / "layer.json").write_text(json.dumps(layer))
+    (tmp_path / "width.json").write_text(json.dumps(width))
+    harness.write_summary(tmp_path)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| Torch-Pruning | tp:l2 | 69.8% |" in summary   # the Taylor run stopped at 74.9% kept
+    width["models"]["m"]["rows"] = width["models"]["m"]["rows"][:1]
+    layer["models"]["m"]["rows"] = layer["models"]["m"]["rows"][:1] + [row("tp:l2", 0.76, 900.0)]
+    (tmp_path / "layer.json").write_text(json.dumps(layer))
+    (tmp_path / "width.json").write_text(json.dumps(width))
+    harness.write_summary(tmp_path)   # where no run reaches it, the closest there is still shows
+    assert "| Torch-Pruning | tp:l2 | 76.0% |" in (tmp_path / "summary.md").read_text()
