@@ -123,24 +123,20 @@ def variants_of(model_name: str, results_dir: Path, targets: list[float]) -> lis
 
 def shapes(model) -> dict:
     """Widths that decide the speed: blocks, attention heads, KV heads, FFN and hidden width."""
-    heads = kv = ffn = blocks = 0
+    heads = kv = 0
+    ffn = []   # the FFN width of every layer that still has an FFN
     for layer in model.model.layers:
-        blocks += 1
         attn = getattr(layer, "self_attn", None)
-        if attn is not None and hasattr(attn, "q_proj"):
+        if hasattr(attn, "q_proj"):
             heads += attn.q_proj.out_features // attn.head_dim
             kv += attn.k_proj.out_features // attn.head_dim
-        mlp = getattr(layer, "mlp", None)
-        if mlp is not None and hasattr(mlp, "gate_proj"):
-            ffn += mlp.gate_proj.out_features
-    ffn_widths = sorted({layer.mlp.gate_proj.out_features for layer in model.model.layers
-                         if hasattr(getattr(layer, "mlp", None), "gate_proj")})
-    return {"blocks": blocks, "q_heads": heads, "kv_heads": kv, "ffn_total": ffn,
+        if hasattr(getattr(layer, "mlp", None), "gate_proj"):
+            ffn.append(layer.mlp.gate_proj.out_features)
+    widths = sorted(set(ffn))
+    return {"blocks": len(model.model.layers), "q_heads": heads, "kv_heads": kv, "ffn_total": sum(ffn),
             "hidden": model.get_input_embeddings().weight.shape[1],
-            "ffn_unaligned_layers": sum(1 for layer in model.model.layers
-                                        if hasattr(getattr(layer, "mlp", None), "gate_proj")
-                                        and layer.mlp.gate_proj.out_features % 8),
-            "ffn_widths": ffn_widths if len(ffn_widths) <= 4 else f"{ffn_widths[0]}..{ffn_widths[-1]}"}
+            "ffn_unaligned_layers": sum(1 for w in ffn if w % 8),
+            "ffn_widths": widths if len(widths) <= 4 else f"{widths[0]}..{widths[-1]}"}
 
 
 @torch.no_grad()

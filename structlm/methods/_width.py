@@ -433,9 +433,13 @@ def allocate(graph: Graph, scores: dict, target, *, allocation: str = "uniform",
     def cost(counts, hidden_kept):
         return _plan_from_counts(graph, subs, counts, hidden_kept, align).cost(graph)["params"]
 
+    def deepest_cost(hidden):
+        """Parameters kept when every prunable unit is removed down to its floor."""
+        return cost([_removed_steps(s, s.max_steps) for s in subs], hidden)
+
     def out_of_reach(how: str, hidden) -> WidthError:
         """The error for an unreachable target: how far these settings can go, and what reaches further."""
-        deepest = cost([_removed_steps(s, s.max_steps) for s in subs], hidden) / dense
+        deepest = deepest_cost(hidden) / dense
         fixes = [f"a milder target (params={math.ceil(deepest * 1000) / 1000:g} or more)"]
         pruned_layers = {s.layer for s in subs}
         if len(pruned_layers) < graph.n_layers:
@@ -464,7 +468,7 @@ def allocate(graph: Graph, scores: dict, target, *, allocation: str = "uniform",
     if reach_only:
         if allocation != "schedule":   # a schedule's zero-weight layers stay whole: checked after scoring
             hidden = _hidden_kept(graph, hidden_scores, 0.99 if hidden_ratio is None else hidden_ratio, align)
-            if cost([_removed_steps(s, s.max_steps) for s in subs], hidden) > budget:
+            if deepest_cost(hidden) > budget:
                 raise out_of_reach("even with the hidden width pruned" if hidden is not None
                                    else f"with {allocation} allocation", hidden)
         return None, info
