@@ -18,8 +18,9 @@ from structlm.methods.flap import compensation
 from structlm.methods.llm_pruner import lm_loss_backward, taylor_scores
 from structlm.methods.magnitude import magnitude_scores
 from structlm.pipeline import make_plan
-from structlm.plan import PlanError, PrunePlan
-from tiny_models import FAMILIES, tiny_inputs, tiny_model
+from structlm.plan import LayerPlan, PlanError, PrunePlan
+from structlm.targets import Target
+from tiny_models import FAMILIES, tiny_config, tiny_inputs, tiny_model
 
 WIDTH_METHODS = ("magnitude", "wanda_sp", "flap", "llm_pruner")
 
@@ -393,6 +394,110 @@ def test_prune_hidden_on_a_family_with_qk_norms_is_refused_before_scoring(monkey
     monkeypatch.setattr(wanda_module, "projection_modules", lambda *a, **k: pytest.fail("scored before refusing"))
     with pytest.raises(WidthError, match="--prune-hidden: hidden-channel pruning is exact only .* q/k norms"):
         make_plan(model, method="wanda_sp", target="params=0.8", calib=calib_for(model), options={"prune_hidden": True})
+
+
+# The real checkpoints' widths, as weightless (meta) graphs: SmolLM2-135M (3 KV groups of 64,
+# FFN 1536) and Gemma-3-270M (one KV group of 256 shared by 4 heads, FFN 2048).
+REAL_WIDTHS = {
+    "smollm2-135m": ("llama", dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                                   intermediate_size=1536, num_hidden_layers=30, vocab_size=49152)),
+    "gemma3-270m": ("gemma3", dict(hidden_size=640, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                                   intermediate_size=2048, num_hidden_layers=18, vocab_size=262144,
+                                   query_pre_attn_scalar=256)),
+}
+
+
+def real_width_graph(name):
+    family, widths = REAL_WIDTHS[name]
+    return build_graph(tiny_config(family, **widths))
+
+
+def official_units_kept(channels: int, unit: int, ratio: float) -> int:
+    """LLM-Pruner's MetaPruner.prune_local for one root of ``channels`` output channels pruned in
+    consecutive groups of ``unit``: n_pruned = C - int(C * (1 - ratio)), n_pruned // unit groups go."""
+    return channels // unit - (channels - int(channels * (1 - ratio))) // unit
+
+
+def test_the_real_graphs_have_the_checkpoints_parameter_counts():
+    assert real_width_graph("smollm2-135m").total_params == 134_515_008   # benchmarks/results/width.json
+    assert real_width_graph("gemma3-270m").total_params == 268_098_176
+
+
+@pytest.mark.parametrize("name,gqa", [("smollm2-135m", "kv_groups"), ("smollm2-135m", "query_heads"),
+                                      ("gemma3-270m", "kv_groups"), ("gemma3-270m", "query_heads")])
+@pytest.mark.parametrize("ratio", [0.1, 0.25, 0.33, 0.4, 0.52, 0.6, 0.67, 0.75])
+def test_per_root_allocation_has_the_official_llm_pruner_counts(name, gqa, ratio):
+    graph = real_width_graph(name)
+    layers = _width.parse_layers("4:-2", graph.n_layers)
+    kind = _width.attention_kind(graph, gqa)
+    hd, n_kv, n_heads, inter = graph.head_dim, graph.n_kv, graph.n_heads, graph.intermediate
+    # the official counts: k_proj roots in KV groups of head_dim (query heads follow their group),
+    # gate_proj roots by channel; query_heads mode: q_proj roots by head, evenly from every group
+    per_group = n_heads // n_kv
+    if kind == "kv_group":
+        groups = official_units_kept(n_kv * hd, hd, ratio)
+        heads = groups * per_group
+        attention = dict(kv_groups=list(range(groups)))
+    else:
+        removed = n_heads - official_units_kept(n_heads * hd, hd, ratio)
+        heads = n_heads - removed // n_kv * n_kv
+        attention = dict(query_heads=[h for h in range(n_heads) if h % per_group < heads // n_kv])
+    ffn = official_units_kept(inter, 1, ratio)
+    official = PrunePlan(layers={i: LayerPlan(**attention, ffn_channels=list(range(ffn))) for i in layers}, align=1)
+    kept = official.cost(graph)["params"]
+    plan, info = allocate(graph, _scores(graph, layers, kind=kind), Target("params", (kept + 0.5) / graph.total_params),
+                          allocation="per_root", layers=layers, align=1)
+    assert plan.cost(graph)["params"] == kept
+    shapes = {r["layer"]: r for r in plan.shapes(graph)}
+    for i in range(graph.n_layers):
+        want = (heads, ffn) if i in layers else (n_heads, inter)
+        assert (shapes[i]["heads"], shapes[i]["ffn_channels"]) == want, (i, ratio)
+    assert info["allocation"] == "per_root" and info["ratio"] <= ratio
+
+
+def test_the_official_split_at_ratio_052_and_params_07_on_smollm2():
+    # the issue's figures: ratio 0.52 prunes one of the three KV groups and keeps 737 FFN channels
+    assert official_units_kept(192, 64, 0.52) == 2 and official_units_kept(1536, 1, 0.52) == 737
+    graph = real_width_graph("smollm2-135m")
+    layers = list(range(4, 28))
+    scores = _scores(graph, layers)
+    plan, _ = allocate(graph, scores, "params=0.7", allocation="per_root", layers=layers)   # align 8
+    budget = int(0.7 * graph.total_params)
+    # two KV groups and the widest 8-aligned FFN that meets the budget with them, in every layer
+    widest = next(w for w in range(graph.intermediate, 0, -8)
+                  if PrunePlan(layers={i: LayerPlan(kv_groups=[0, 1], ffn_channels=list(range(w))) for i in layers},
+                               align=8).cost(graph)["params"] <= budget)
+    assert {(r["kv_heads"], r["ffn_channels"]) for r in plan.shapes(graph) if r["layer"] in layers} == {(2, widest)}
+    assert widest == 728 and plan.cost(graph)["params"] <= budget
+    # structlm's earlier split (allocation=uniform): one KV group, FFN refilled to 904
+    plan, _ = allocate(graph, scores, "params=0.7", allocation="uniform", layers=layers)
+    assert {(r["kv_heads"], r["ffn_channels"]) for r in plan.shapes(graph) if r["layer"] in layers} == {(1, 904)}
+
+
+def test_uniform_attention_rounding_is_an_option():
+    model = tiny_model("llama")  # 3 KV groups: half of them is 1.5 groups
+    graph = build_graph(model)
+    scores = _scores(graph, [0, 1])
+    kept = {}
+    for rounding in (None, "round", "floor"):
+        plan, info = allocate(graph, scores, "params=0.95", layers=[0, 1], attn_ratio=0.5, attn_rounding=rounding)
+        kept[rounding] = {len(plan.layer(i).kv_groups) for i in (0, 1)}
+        assert info["attn_rounding"] == (rounding or "round")
+    assert kept == {None: {1}, "round": {1}, "floor": {2}}   # round(1.5) = 2 groups go; floor: 1
+    with pytest.raises(WidthError, match="attn_rounding applies to allocation=uniform only"):
+        allocate(graph, scores, "params=0.8", allocation="per_root", layers=[0, 1], attn_rounding="floor")
+    with pytest.raises(WidthError, match="unknown attn_rounding 'ceil'; choose from round, floor"):
+        allocate(graph, scores, "params=0.8", layers=[0, 1], attn_rounding="ceil")
+
+
+def test_llm_pruner_allocates_per_root_by_default_and_uniform_as_an_option():
+    model = tiny_model("llama")
+    calib = calib_for(model)
+    _, info, _ = make_plan(model, method="llm_pruner", target="params=0.8", calib=calib)
+    assert info["allocation"] == "per_root"
+    _, info, _ = make_plan(model, method="llm_pruner", target="params=0.8", calib=calib,
+                           options={"allocation": "uniform", "attn_rounding": "floor"})
+    assert (info["allocation"], info["attn_rounding"]) == ("uniform", "floor")
 
 
 def test_query_heads_mode_removes_heads_evenly_from_every_kv_group():

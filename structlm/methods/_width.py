@@ -7,7 +7,8 @@
 * **activation statistics** (:class:`InputStats`): per input channel of chosen projections, the
   mean, variance and squared norm over all calibration tokens, collected by forward pre-hooks;
 * **allocation** (:func:`allocate`): from per-unit scores to a :class:`PrunePlan` meeting a
-  ``params`` target: ``uniform`` (the same removal ratio in every prunable layer), ``schedule``
+  ``params`` target: ``uniform`` (the same removal ratio in every prunable layer), ``per_root``
+  (one ratio counted per projection as LLM-Pruner's code does, :func:`per_root_removed_steps`), ``schedule``
   (per-layer relative ratios, scaled to the target) or ``global`` (one ranking over every layer
   with per-layer floors); GQA as whole KV groups or query heads removed evenly from every group;
   optional hidden channels (Torch-Pruning / Sheared-LLaMA style);
@@ -28,7 +29,8 @@ from ..plan import LayerPlan, PrunePlan, align_count, align_plan
 from ..targets import Target, parse_target
 
 AGGREGATIONS = ("sum", "mean", "max", "prod", "last")
-ALLOCATIONS = ("uniform", "schedule", "global")
+ALLOCATIONS = ("uniform", "per_root", "schedule", "global")
+ATTN_ROUNDINGS = ("round", "floor")   # attention steps of allocation="uniform"
 GQA_MODES = ("kv_groups", "query_heads")
 
 
@@ -67,7 +69,8 @@ def add_method_args(parser) -> None:
     g.add_argument("--gqa", choices=GQA_MODES, default=argparse.SUPPRESS,
                    help="remove whole KV groups, or query heads evenly from every KV group")
     g.add_argument("--allocation", choices=ALLOCATIONS, default=argparse.SUPPRESS,
-                   help="uniform ratio per layer, a per-layer --schedule, or one global ranking with floors")
+                   help="uniform ratio per layer, one ratio counted per projection as LLM-Pruner's code (per_root), "
+                        "a per-layer --schedule, or one global ranking with floors")
     g.add_argument("--schedule", default=argparse.SUPPRESS, help="comma-separated relative removal per layer (allocation=schedule)")
     g.add_argument("--layers", default=argparse.SUPPRESS, help="prunable layers: 'all', a slice '4:-2' or a list '3,4,5'")
     g.add_argument("--aggregate", choices=AGGREGATIONS, default=argparse.SUPPRESS, help="how a unit's member scores combine")
@@ -339,6 +342,27 @@ def _removed_steps(sub: Sublayer, want: int) -> int:
     return want
 
 
+def per_root_removed_steps(graph: Graph, sub: Sublayer, ratio: float) -> int:
+    """Steps of ``sub`` that one pruning ``ratio`` removes in LLM-Pruner's code (its Torch-Pruning
+    ``MetaPruner`` in local mode, where the ratio is applied to every root projection separately).
+
+    The root's C output channels keep ``int(C * (1 - ratio))``; the pruned channels are taken in
+    whole units, rounded down.  Roots and units: an FFN channel is one channel of gate_proj; a KV
+    group is ``head_dim`` channels of k_proj (``consecutive_groups=head_dim``), and on models
+    without GQA a head is ``head_dim`` channels of q_proj.  In query_heads mode (a structlm
+    extension: the official code removes whole KV groups) the root is q_proj with one head per
+    unit, and the heads are rounded down to a multiple of the KV-group count, since one step takes
+    a head from every group.  Floors and alignment are left to :func:`_removed_steps`."""
+    if sub.kind == "ffn_channel":
+        unit_width, units_per_step = 1, 1
+    else:
+        unit_width = graph.head_dim
+        units_per_step = graph.n_kv if sub.kind == "query_head" else 1
+    channels = sub.n_steps * units_per_step * unit_width
+    pruned_units = (channels - int(channels * (1 - ratio))) // unit_width
+    return pruned_units // units_per_step
+
+
 def _plan_from_counts(graph: Graph, subs: list[Sublayer], counts: list[int], hidden_kept: list[int] | None,
                       align: int) -> PrunePlan:
     layers: dict[int, LayerPlan] = {}
@@ -395,8 +419,9 @@ def _search(evaluate, budget: int, lo: float, hi: float, integer: bool = False, 
 
 def allocate(graph: Graph, scores: dict, target, *, allocation: str = "uniform", layers: list[int] | None = None,
              schedule=None, floor: float = 0.0, align: int = 8, hidden_scores=None, hidden_ratio: float | None = None,
-             attn_ratio: float | None = None, global_score: str = "density", remove_sublayers: bool = False,
-             hidden_option: bool = True, reach_only: bool = False) -> tuple[PrunePlan | None, dict]:
+             attn_ratio: float | None = None, attn_rounding: str | None = None, global_score: str = "density",
+             remove_sublayers: bool = False, hidden_option: bool = True,
+             reach_only: bool = False) -> tuple[PrunePlan | None, dict]:
     """A plan removing the lowest-scored units so that ``plan.cost(graph)["params"]`` is at most
     ``target`` (a ``params`` keep fraction), as close to it as the unit sizes and alignment allow.
 
@@ -404,7 +429,12 @@ def allocate(graph: Graph, scores: dict, target, *, allocation: str = "uniform",
     even query-head removal, and ``ffn_channel``); only those layers are pruned.  ``allocation``:
 
     * ``uniform``: every prunable layer removes the same fraction r of its attention steps
-      (rounded) and of its FFN channels (``attn_ratio`` fixes the attention fraction instead);
+      (``attn_rounding``: ``round(r * n)``, half to even, by default, or ``floor(r * n)``) and of
+      its FFN channels (``attn_ratio`` fixes the attention fraction instead); the FFN fraction is
+      then refilled up to the target, since attention steps are coarse;
+    * ``per_root``: LLM-Pruner's code: one ratio r applied to every projection root as
+      :func:`per_root_removed_steps` counts it (attention and FFN alike, no refill), r the smallest
+      that meets the target (``attn_ratio`` fixes the attention's r instead);
     * ``schedule``: layer i removes ``min(max, s * schedule[i])`` (s scaled to the target);
     * ``global``: one ranking of every step of every layer, by ``score / params`` (``global_score
       ="density"``) or the raw score (``"raw"``, for scores that are already comparable, e.g.
@@ -421,6 +451,12 @@ def allocate(graph: Graph, scores: dict, target, *, allocation: str = "uniform",
         raise WidthError(f"width methods take a params target (e.g. params=0.8), not {target}")
     if allocation not in ALLOCATIONS:
         raise WidthError(f"unknown allocation {allocation!r}; choose from {', '.join(ALLOCATIONS)}")
+    if attn_rounding is not None and allocation != "uniform":
+        raise WidthError(f"attn_rounding applies to allocation=uniform only (this is {allocation}); drop it or "
+                         "add -O allocation=uniform")
+    attn_rounding = attn_rounding or "round"
+    if attn_rounding not in ATTN_ROUNDINGS:
+        raise WidthError(f"unknown attn_rounding {attn_rounding!r}; choose from {', '.join(ATTN_ROUNDINGS)}")
     dense = graph.total_params
     budget = int(math.floor(target.value * dense))
     subs = _sublayers(graph, scores, sorted({k[1] for k in scores if k[1] is not None}), floor, align,
@@ -455,13 +491,21 @@ def allocate(graph: Graph, scores: dict, target, *, allocation: str = "uniform",
                           f"floor still keeps {deepest:.1%} of the parameters. Fix: {'; or '.join(fixes)} "
                           "(the Python options have the same names)")
 
+    attn_round = math.floor if attn_rounding == "floor" else round
+
     def uniform_counts(r_attn, r_ffn):
         counts = [0] * len(subs)
         for j in attn:
-            counts[j] = _removed_steps(subs[j], round(r_attn * subs[j].n_steps))
+            counts[j] = _removed_steps(subs[j], attn_round(r_attn * subs[j].n_steps))
         for j in ffn:
             counts[j] = _removed_steps(subs[j], round(r_ffn * subs[j].n_steps))
         return counts
+
+    def per_root_counts(r_attn, r_ffn):
+        return [_removed_steps(s, per_root_removed_steps(graph, s, r_attn if s.sublayer == "attention" else r_ffn))
+                for s in subs]
+
+    ratio_counts = per_root_counts if allocation == "per_root" else uniform_counts
 
     hidden_kept = None
     info: dict = {"allocation": allocation, "budget_params": budget, "dense_params": dense}
@@ -474,7 +518,7 @@ def allocate(graph: Graph, scores: dict, target, *, allocation: str = "uniform",
         return None, info
     if hidden_scores is not None:
         if hidden_ratio is None:  # the uniform fraction for everything, hidden included
-            r = _search(lambda r: cost(uniform_counts(r, r), _hidden_kept(graph, hidden_scores, r, align)),
+            r = _search(lambda r: cost(ratio_counts(r, r), _hidden_kept(graph, hidden_scores, r, align)),
                         budget, 0.0, 0.99)
             if r is None:
                 raise out_of_reach("even with the hidden width pruned", _hidden_kept(graph, hidden_scores, 0.99, align))
@@ -482,14 +526,16 @@ def allocate(graph: Graph, scores: dict, target, *, allocation: str = "uniform",
         hidden_kept = _hidden_kept(graph, hidden_scores, hidden_ratio, align)
         info["hidden_ratio"] = round(hidden_ratio, 4)
 
-    if allocation == "uniform":
+    if allocation in ("uniform", "per_root"):
         def counts_for(r):
-            return uniform_counts(r if attn_ratio is None else attn_ratio, r)
+            return ratio_counts(r if attn_ratio is None else attn_ratio, r)
         found = _search(lambda r: cost(counts_for(r), hidden_kept), budget, 0.0, 1.0)
         if found is None:
-            raise out_of_reach("with uniform allocation", hidden_kept)
+            raise out_of_reach(f"with {allocation} allocation", hidden_kept)
         counts = counts_for(found)
-        if attn_ratio is None:  # attention steps are coarse: refill the FFN up to the budget
+        if allocation == "uniform":
+            info["attn_rounding"] = attn_rounding
+        if allocation == "uniform" and attn_ratio is None:  # coarse attention steps: refill the FFN to the budget
             fixed = {j: counts[j] for j in attn}
 
             def refill(r):
@@ -591,6 +637,7 @@ def width_options(model, graph: Graph, options: dict, *, default_layers=None, de
     alloc = dict(allocation=options.pop("allocation", default_allocation), schedule=options.pop("schedule", None),
                  floor=float(options.pop("floor", 0.0)), align=int(options.pop("align", 8)),
                  hidden_ratio=options.pop("hidden_ratio", None), attn_ratio=options.pop("attn_ratio", None),
+                 attn_rounding=options.pop("attn_rounding", None),
                  remove_sublayers=bool(options.pop("remove_sublayers", False)), hidden_option=refusal is None)
     return alloc, gqa, layers, prune_hidden
 

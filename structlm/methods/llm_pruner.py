@@ -25,6 +25,12 @@ layer's activations are recomputed in backward, about a third more compute for a
 of hundreds).  The model's requires_grad flags, grads and train flag are
 restored afterwards.
 
+Allocation: ``per_root`` by default, the official code's arithmetic: one pruning ratio applied to
+every k_proj and gate_proj root of the prunable layers, the k_proj channels it prunes taken in
+whole KV groups rounded down (:func:`structlm.methods._width.per_root_removed_steps`), the ratio
+the smallest that meets the params target.  ``allocation="uniform"`` (structlm's earlier default:
+KV groups rounded to nearest, FFN refilled to the target) and the others remain options.
+
 Options: ``taylor`` ("param_first"), ``aggregate`` ("sum"), ``max_samples`` (10), ``loss_chunk``
 (32), ``checkpoint`` (True) and the allocation options of :func:`structlm.methods._width.allocate`.
 """
@@ -178,7 +184,8 @@ def taylor_scores(model, graph, calib: torch.Tensor, layers: list[int], *, taylo
 
 @register("llm_pruner")
 def llm_pruner(model, graph, target, calib, **options):
-    alloc, gqa, layers, prune_hidden = width_options(model, graph, options, default_layers=default_layers(graph))
+    alloc, gqa, layers, prune_hidden = width_options(model, graph, options, default_layers=default_layers(graph),
+                                                     default_allocation="per_root")
     taylor = options.pop("taylor", "param_first")
     how = options.pop("aggregate", "sum")
     max_samples = options.pop("max_samples", 10)
