@@ -13,7 +13,11 @@ The anchor, Torch-Pruning 1.6.1's own LLM recipe (structlm.anchors), runs in the
 on the same model, its ratio searched to the same parameter count.
 
 Rows are appended to benchmarks/results/<suite>.json as they finish (a rerun skips rows that
-are already there unless --fresh), and benchmarks/results/<suite>.md is rewritten each time.
+are already there unless --fresh, which discards the suite's rows, or --replace, which reruns the
+rows of the named --methods at the --targets and puts each new row in the old one's place), and
+benchmarks/results/<suite>.md is rewritten each time.
+
+    .venv/bin/python benchmarks/run.py --suite width --models smollm2-135m --methods llm_pruner --replace
 """
 
 from __future__ import annotations
@@ -72,6 +76,18 @@ COLLAPSED_PPL = 1000.0   # zero-shot is skipped above this perplexity: such a mo
 
 
 LATENCY_ROUNDS = 3
+
+
+def put_row(rows: list, row: dict) -> None:
+    """Add ``row``; a row of the same method and target already there (--replace) is replaced in
+    its place, so an interrupted rerun leaves the old row and the table keeps its order."""
+    same = [j for j, r in enumerate(rows) if r["method"] == row["method"] and r["target"] == row["target"]]
+    if not same:
+        rows.append(row)
+        return
+    rows[same[0]] = row
+    for j in reversed(same[1:]):
+        del rows[j]
 
 
 def paired_latency(model, dense=None, rounds: int = LATENCY_ROUNDS) -> dict:
@@ -345,11 +361,16 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fresh", action="store_true", help="discard earlier rows of this suite")
+    ap.add_argument("--replace", action="store_true",
+                    help="rerun the rows of the --methods at the --targets even where they are already there, each "
+                         "new row taking the old one's place (other rows are kept; a greedy method searches again)")
     ap.add_argument("--refresh-latency", action="store_true",
                     help="only measure, beside the dense model, the latency of finished rows that were not measured "
                          "so (rows of older runs); the models are rebuilt from their plans")
     ap.add_argument("--results", type=Path, default=RESULTS, help="output folder")
     args = ap.parse_args(argv)
+    if args.replace and not args.methods:
+        ap.error("--replace reruns the rows of the methods you name: add --methods, e.g. --methods llm_pruner")
     if args.zero_shot_targets:
         args.zero_shot_targets = [float(t) for t in args.zero_shot_targets.split(",")]
     results_dir = args.results
@@ -381,11 +402,14 @@ def main(argv=None) -> int:
             greedy_runs: dict = {}
             for target in targets:
                 for method in methods_wanted:
-                    if any(r["method"] == method and r["target"] == target for r in block["rows"]):
+                    if not args.replace and any(r["method"] == method and r["target"] == target
+                                                for r in block["rows"]):
                         continue
                     print(f"[{suite}] {model_name}: {method} keeping {target:.0%}", flush=True)
                     try:
                         if method_spec(method)[0] in GREEDY and method not in greedy_runs:
+                            if args.replace:   # its rows are recomputed, so is the search they are prefixes of
+                                block.get("searches", {}).pop(method, None)
                             greedy_runs[method] = GreedyRun(method, dense, calib, min(targets),
                                                             block.setdefault("searches", {}))
                         model, info = prune_row(method, dense, tok, calib, target, greedy_runs.get(method))
@@ -395,7 +419,7 @@ def main(argv=None) -> int:
                         row = {"method": method, "target": target, "error": f"{type(e).__name__}: {e}",
                                "ppl": math.nan, "params": math.nan, "prefill_ms": math.nan, "decode_ms": math.nan,
                                "prune_seconds": "-", "prune_peak_extra_mib": "-"}
-                    block["rows"].append(row)
+                    put_row(block["rows"], row)
                     print(f"    {json.dumps({k: v for k, v in row.items() if k != 'zero_shot'}, default=str)}", flush=True)
                     path.write_text(json.dumps(result, indent=1, default=str) + "\n")
                     write_markdown(results_dir, suite, result)

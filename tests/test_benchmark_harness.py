@@ -161,3 +161,35 @@ def test_summary_prefers_rows_that_reach_the_target(tmp_path):
     (tmp_path / "width.json").write_text(json.dumps(width))
     harness.write_summary(tmp_path)   # where no run reaches it, the closest there is still shows
     assert "| Torch-Pruning | tp:l2 | 76.0% |" in (tmp_path / "summary.md").read_text()
+
+
+def test_replace_reruns_only_the_named_rows_in_their_place(folder, tmp_path):
+    harness = load_harness()
+    out = tmp_path / "results"
+    argv = ["--suite", "width", "--models", str(folder), "--targets", "0.9", "--limit", "0", "--eval-tokens", "4096",
+            "--calib-samples", "4", "--calib-len", "32", "--threads", "1", "--results", str(out)]
+    assert harness.main([*argv, "--methods", "magnitude,wanda_sp"]) == 0
+    path = out / "width.json"
+    result = json.loads(path.read_text())
+    for row in result["models"][str(folder)]["rows"]:   # mark the old rows
+        row["ppl"] = -1.0
+    path.write_text(json.dumps(result))
+    assert harness.main([*argv, "--methods", "magnitude"]) == 0   # without --replace: skipped
+    assert [r["ppl"] for r in json.loads(path.read_text())["models"][str(folder)]["rows"]] == [-1.0, -1.0]
+    assert harness.main([*argv, "--methods", "magnitude", "--replace"]) == 0
+    rows = json.loads(path.read_text())["models"][str(folder)]["rows"]
+    assert [r["method"] for r in rows] == ["magnitude", "wanda_sp"]   # in its place, the other row kept
+    assert rows[0]["ppl"] > 0 and rows[1]["ppl"] == -1.0
+    with pytest.raises(SystemExit) as caught:   # --replace needs the methods named
+        harness.main([*argv, "--replace"])
+    assert caught.value.code == 2
+
+
+def test_put_row_replaces_every_earlier_row_of_the_method_and_target():
+    harness = load_harness()
+    rows = [{"method": "a", "target": 0.9, "v": 1}, {"method": "b", "target": 0.9, "v": 2},
+            {"method": "a", "target": 0.9, "v": 3}, {"method": "a", "target": 0.7, "v": 4}]
+    harness.put_row(rows, {"method": "a", "target": 0.9, "v": 5})
+    assert [r["v"] for r in rows] == [5, 2, 4]
+    harness.put_row(rows, {"method": "c", "target": 0.9, "v": 6})
+    assert [r["v"] for r in rows] == [5, 2, 4, 6]
