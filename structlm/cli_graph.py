@@ -61,7 +61,7 @@ def run(args) -> int:
         return 2
     try:
         t0 = time.perf_counter()
-        graph = build_graph(config)
+        graph = build_graph(config, per_layer_shapes=True)  # a pruned checkpoint: its real shapes
         seconds = time.perf_counter() - t0
     except (UnsupportedArchitectureError, GraphBuildError) as e:
         print(f"structlm graph: {e}", file=sys.stderr)

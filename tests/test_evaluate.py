@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from structlm import data, evaluate
+from structlm.models import NonFiniteError
 from helpers import SAMPLE_TEXT, tiny_llama, tiny_tokenizer
 
 
@@ -42,3 +44,13 @@ def test_model_size_counts_disk_bytes(tmp_path):
     size = evaluate.model_size(model, tmp_path)
     assert size["bytes_on_disk"] == (tmp_path / "model.safetensors").stat().st_size
     assert size["dtype"] == "float32"
+
+
+def test_a_non_finite_loss_fails_loudly_instead_of_a_nan_perplexity(tmp_path):
+    path = tmp_path / "held.txt"
+    path.write_text(SAMPLE_TEXT * 2)
+    tok, model = tiny_tokenizer(), tiny_llama()
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")  # every logit is NaN from then on
+    with pytest.raises(NonFiniteError, match="perplexity is not finite: windows 0-2 of"):
+        evaluate.perplexity(model, tok, seq_len=40, source=str(path), progress=False, batch_size=3)

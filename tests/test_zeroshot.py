@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from structlm import zeroshot as zs
+from structlm.models import NonFiniteError
 from helpers import tiny_llama, tiny_tokenizer
 from tiny_models import tiny_model
 
@@ -238,6 +239,10 @@ def test_evaluate_zero_shot_end_to_end_on_a_local_set(tmp_path):
     # raw log-likelihood prefers " blue" (one token), per-character prefers " green grass": gold A then B
     assert (r["acc"], r["acc_norm"], r["n"]) == (0.5, 0.5, 2)
     assert out["average"]["average_acc"] == 0.5 and out["average"]["average_paper"] == 0.5
+
+    table[tok.vocab[":"], tok.vocab[" green"]] = float("nan")  # NaN compares false: argmax would pick A
+    with pytest.raises(NonFiniteError, match="zero-shot arc_easy: 4 of 4 log-likelihoods are not finite"):
+        zs.evaluate_zero_shot(Bigram(table), tok, ["arc_easy"], limit=2, progress=False, root=tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------

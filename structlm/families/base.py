@@ -78,10 +78,15 @@ class FamilyAdapter:
     def __init__(self, config):
         self.config = config
         self.params: dict[str, tuple[int, ...]] = {}
+        self.layer_counts: dict[int, tuple[int, int, int]] = {}
 
     # ---- binding -------------------------------------------------------------------------
-    def bind(self, shapes: dict[str, tuple[int, ...]]) -> "FamilyAdapter":
+    def bind(self, shapes: dict[str, tuple[int, ...]], layer_counts=None) -> "FamilyAdapter":
+        """Give the adapter the model's parameter shapes and, for a model whose layers differ
+        from its config (a shrunk model, a heterogeneous checkpoint), each layer's
+        ``(heads, kv_heads, ffn)``; 0 heads or 0 FFN width is a removed sublayer."""
         self.params = dict(shapes)
+        self.layer_counts = dict(layer_counts or {})
         return self
 
     def has(self, name: str | None) -> bool:
@@ -118,6 +123,16 @@ class FamilyAdapter:
     @property
     def intermediate(self) -> int:
         return int(self.config.intermediate_size)
+
+    def layer_heads(self, i: int) -> int:
+        """Query heads of layer ``i`` (the config's count unless bound with per-layer counts)."""
+        return self.layer_counts[i][0] if i in self.layer_counts else self.n_heads
+
+    def layer_kv(self, i: int) -> int:
+        return self.layer_counts[i][1] if i in self.layer_counts else self.n_kv
+
+    def layer_ffn(self, i: int) -> int:
+        return self.layer_counts[i][2] if i in self.layer_counts else self.intermediate
 
     @property
     def vocab(self) -> int:
@@ -161,19 +176,19 @@ class FamilyAdapter:
         return f"{self.layer(i)}.{self.mlp_module}"
 
     def q(self, i: int) -> Proj:
-        return self._linear(f"{self.attn(i)}.{self.q_module}", size=self.n_heads * self.head_dim)
+        return self._linear(f"{self.attn(i)}.{self.q_module}", size=self.layer_heads(i) * self.head_dim)
 
     def k(self, i: int) -> Proj:
-        return self._linear(f"{self.attn(i)}.{self.k_module}", size=self.n_kv * self.head_dim)
+        return self._linear(f"{self.attn(i)}.{self.k_module}", size=self.layer_kv(i) * self.head_dim)
 
     def v(self, i: int) -> Proj:
-        return self._linear(f"{self.attn(i)}.{self.v_module}", size=self.n_kv * self.head_dim)
+        return self._linear(f"{self.attn(i)}.{self.v_module}", size=self.layer_kv(i) * self.head_dim)
 
     def o(self, i: int) -> Proj:
         return self._linear(f"{self.attn(i)}.{self.o_module}", size=self.hidden)
 
     def ffn_in(self, i: int) -> list[Proj]:
-        return [self._linear(f"{self.mlp(i)}.{m}", size=self.intermediate) for m in self.ffn_in_modules]
+        return [self._linear(f"{self.mlp(i)}.{m}", size=self.layer_ffn(i)) for m in self.ffn_in_modules]
 
     def ffn_out(self, i: int) -> Proj:
         return self._linear(f"{self.mlp(i)}.{self.ffn_out_module}", size=self.hidden)

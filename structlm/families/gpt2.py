@@ -57,19 +57,23 @@ class GPT2Adapter(FamilyAdapter):
         return Proj(f"{module}.weight", self.opt(f"{module}.bias"), out_dim=1, offset=offset, size=size)
 
     def q(self, i):
-        return self._conv(f"{self.attn(i)}.c_attn", 0, self.hidden)
+        return self._conv(f"{self.attn(i)}.c_attn", 0, self._attn_width(i))
 
     def k(self, i):
-        return self._conv(f"{self.attn(i)}.c_attn", self.hidden, self.hidden)
+        return self._conv(f"{self.attn(i)}.c_attn", self._attn_width(i), self._attn_width(i))
 
     def v(self, i):
-        return self._conv(f"{self.attn(i)}.c_attn", 2 * self.hidden, self.hidden)
+        return self._conv(f"{self.attn(i)}.c_attn", 2 * self._attn_width(i), self._attn_width(i))
+
+    def _attn_width(self, i):
+        """q, k and v each have heads x head_dim columns (the hidden size while no head is pruned)."""
+        return self.layer_heads(i) * self.head_dim
 
     def o(self, i):
         return self._conv(f"{self.attn(i)}.c_proj", 0, self.hidden)
 
     def ffn_in(self, i):
-        return [self._conv(f"{self.mlp(i)}.c_fc", 0, self.intermediate)]
+        return [self._conv(f"{self.mlp(i)}.c_fc", 0, self.layer_ffn(i))]
 
     def ffn_out(self, i):
         return self._conv(f"{self.mlp(i)}.c_proj", 0, self.hidden)

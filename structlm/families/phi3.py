@@ -16,16 +16,17 @@ class Phi3Adapter(FamilyAdapter):
         return Proj(f"{base}.weight", self.opt(f"{base}.bias"), offset=offset, size=size)
 
     def q(self, i):
-        return self._qkv(i, 0, self.n_heads * self.head_dim)
+        return self._qkv(i, 0, self.layer_heads(i) * self.head_dim)
 
     def k(self, i):
-        return self._qkv(i, self.n_heads * self.head_dim, self.n_kv * self.head_dim)
+        return self._qkv(i, self.layer_heads(i) * self.head_dim, self.layer_kv(i) * self.head_dim)
 
     def v(self, i):
-        return self._qkv(i, (self.n_heads + self.n_kv) * self.head_dim, self.n_kv * self.head_dim)
+        return self._qkv(i, (self.layer_heads(i) + self.layer_kv(i)) * self.head_dim, self.layer_kv(i) * self.head_dim)
 
     def ffn_in(self, i):
         base = f"{self.mlp(i)}.gate_up_proj"
         bias = self.opt(f"{base}.bias")
-        return [Proj(f"{base}.weight", bias, offset=0, size=self.intermediate),
-                Proj(f"{base}.weight", bias, offset=self.intermediate, size=self.intermediate)]
+        width = self.layer_ffn(i)
+        return [Proj(f"{base}.weight", bias, offset=0, size=width),
+                Proj(f"{base}.weight", bias, offset=width, size=width)]

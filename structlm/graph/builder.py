@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..families import get_adapter
 from ..families.base import FamilyAdapter, Proj
 from .model import (ATTENTION, BLOCK, FFN, FFN_CHANNEL, HIDDEN_CHANNEL, KV_GROUP, QUERY_HEAD, Graph,
                     Group, Member)
+from .render import layer_ranges
 
 
 class GraphBuildError(ValueError):
@@ -15,13 +18,22 @@ class GraphBuildError(ValueError):
 
 
 def _meta_model(config):
+    """A weightless model with ``config``'s shapes; a heterogeneous structlm config's per-layer
+    layout (``config.structlm``) is applied, so the shapes are the checkpoint's, not the stock ones."""
     from transformers import AutoModelForCausalLM
 
+    from ..layout import apply_layout
+
+    layout = getattr(config, "structlm", None)
+    if getattr(config, "auto_map", None):  # the checkpoint's remote class is the stock one + the layout
+        config = copy.deepcopy(config)
+        del config.auto_map
     with torch.device("meta"):
         try:
-            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         except TypeError:  # older transformers: torch_dtype
-            return AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    return apply_layout(model, layout)
 
 
 def param_shapes(model) -> dict[str, tuple[int, ...]]:
@@ -29,23 +41,70 @@ def param_shapes(model) -> dict[str, tuple[int, ...]]:
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
-def build_graph(model_or_config, *, adapter: FamilyAdapter | None = None) -> Graph:
+def layer_counts(model) -> dict[int, tuple[int, int, int]]:
+    """Layer -> (query heads, KV heads, FFN width) where structlm changed a layer's shape (0: the
+    sublayer was removed), from the layout a shrink left on the model or a heterogeneous
+    checkpoint's config; empty for a model whose config describes every layer."""
+    layout = getattr(model, "structlm_layout", None) or getattr(model.config, "structlm", None) or {}
+    return {int(row["layer"]): (int(row["heads"]), int(row["kv_heads"]), int(row["ffn"]))
+            for row in layout.get("layers", [])}
+
+
+def describe_layer_counts(ad: FamilyAdapter) -> str:
+    """'layers 0-3: 6 query heads / 2 KV heads / FFN 96; layer 4: attention removed / FFN 192'."""
+    def shape(i):
+        heads, kv, ffn = ad.layer_heads(i), ad.layer_kv(i), ad.layer_ffn(i)
+        attention = _heads_text(heads, kv) if heads else "attention removed"
+        return f"{attention} / " + (f"FFN {ffn}" if ffn else "FFN removed")
+
+    runs: dict[str, list[int]] = {}
+    for i in range(ad.n_layers):
+        runs.setdefault(shape(i), []).append(i)
+    return "; ".join(f"layer{'s' if len(ls) > 1 else ''} {layer_ranges(ls)}: {text}" for text, ls in runs.items())
+
+
+def _heads_text(heads: int, kv: int) -> str:
+    return f"{heads} query head{'s' * (heads != 1)} / {kv} KV head{'s' * (kv != 1)}"
+
+
+def _differs_from_config(ad: FamilyAdapter) -> bool:
+    stock = (ad.n_heads, ad.n_kv, ad.intermediate)
+    return any((ad.layer_heads(i), ad.layer_kv(i), ad.layer_ffn(i)) != stock for i in range(ad.n_layers))
+
+
+def build_graph(model_or_config, *, adapter: FamilyAdapter | None = None, per_layer_shapes: bool = False) -> Graph:
     """Graph of every prunable coupled unit.
 
     ``model_or_config`` is a causal-LM ``nn.Module`` on any device (``meta`` included) or a
     transformers config (a weightless ``meta`` model is instantiated to read parameter names
     and shapes).  Every referenced parameter is checked to exist with the expected shape and
     every model parameter must be accounted for, else :class:`GraphBuildError`.
+
+    A model whose layers differ from its config (shrunk by structlm, or a heterogeneous
+    checkpoint: per-layer heads and FFN widths, removed sublayers) is refused unless
+    ``per_layer_shapes``: plans, methods and shrinking read the config's uniform counts
+    (``graph.n_heads``, ``graph.intermediate``), so only a description (``structlm graph``) may
+    ask for such a graph; its groups then carry each layer's real counts and
+    ``graph.config["per_layer"]`` lists them.
     """
     if isinstance(model_or_config, torch.nn.Module):
         model = model_or_config
         config = model.config
     else:
         config = model_or_config
-        ad = adapter or get_adapter(config)  # fail early and clearly for unsupported models
+        get_adapter(config)  # fail early and clearly for unsupported models
         model = _meta_model(config)
     shapes = param_shapes(model)
-    ad = (adapter or get_adapter(config)).bind(shapes)
+    ad = (adapter or get_adapter(config)).bind(shapes, layer_counts(model))
+    if _differs_from_config(ad) and not per_layer_shapes:
+        raise GraphBuildError(
+            f"this model's layers do not have the shapes its config describes ({describe_layer_counts(ad)}; "
+            f"the config says {_heads_text(ad.n_heads, ad.n_kv)} / FFN {ad.intermediate}): it is a "
+            f"pruned model with per-layer shapes, and structlm plans and prunes only models whose every layer "
+            f"has its config's shape. Prune the original model with a harsher target instead (pruning to 0.8 "
+            f"and then to 0.9 is params=0.72 of the original). A result with the same shape in every layer "
+            f"and no removed sublayers is saved with a config that describes it and can be pruned again; "
+            f"`structlm graph` describes this one.")
     return _Builder(ad, shapes).build()
 
 
@@ -158,12 +217,100 @@ class _Builder:
         return n
 
     # ---- build ---------------------------------------------------------------------------
+    def layer_groups(self, i: int, hidden_members: list[Member], acc_layers: list[dict]) -> list[Group]:
+        """Layer ``i``'s groups (query heads, KV groups, FFN channels, attention, FFN, block), its
+        accounting row, and its residual-stream members appended to ``hidden_members``.  The
+        counts are the layer's own (``ad.layer_heads(i)`` ...); a count of 0 is a removed
+        sublayer, whose parameters are absent and which has no groups."""
+        ad = self.ad
+        H, KV, I, hd, D = ad.layer_heads(i), ad.layer_kv(i), ad.layer_ffn(i), ad.head_dim, ad.hidden
+        groups: list[Group] = []
+        an, fn = ad.attn_norms(i), ad.ffn_norms(i)
+        window = ad.layer_window(i)
+        attn_params, ffn_params, attn_shared, ffn_shared, qkn = [], [], [], [], []
+        att = ffg = None
+        a_tot = f_tot = 0
+        if H:
+            if KV <= 0 or H % KV:
+                self.fail(f"layer {i}: {H} attention heads are not a multiple of {KV} key/value heads")
+            rep = H // KV
+            q, k, v, o = ad.q(i), ad.k(i), ad.v(i), ad.o(i)
+            for p in (q, k, v):
+                self.check_proj(p, D)
+            self.check_proj(o, H * hd)
+            if self.shapes[o.weight][o.out_dim] != D:
+                self.fail(f"{o.weight!r} has {self.shapes[o.weight][o.out_dim]} outputs, expected hidden size {D}")
+            self.check_fused([q, k, v])
+            for p, size in ((q, H * hd), (k, KV * hd), (v, KV * hd)):
+                if p.size != size:
+                    self.fail(f"{p.weight!r}: adapter size {p.size} != {size}")
+            qh = self.out_members(q, 0, hd) + [self.in_member(o, 0, hd)]
+            groups.append(self.group(QUERY_HEAD, i, H, qh, attn_flops_coeff=4 * hd, window=window))
+            kvm = (self.out_members(q, 0, rep * hd) + self.out_members(k, 0, hd) + self.out_members(v, 0, hd)
+                   + [self.in_member(o, 0, rep * hd)])
+            kvg = self.group(KV_GROUP, i, KV, kvm, attn_flops_coeff=4 * hd * rep, window=window)
+            groups.append(kvg)
+            qkn = ad.qk_norms(i)
+            attn_params = self.unique([q.weight, q.bias, k.weight, k.bias, v.weight, v.bias, o.weight, o.bias] + qkn)
+            attn_shared = self.unique([o.bias] + qkn)
+            a_tot = kvg.params + sum(self.numel(n) for n in attn_shared)
+        if I:
+            fin, fout = ad.ffn_in(i), ad.ffn_out(i)
+            for p in fin:
+                self.check_proj(p, D)
+            self.check_fused(fin)
+            self.check_proj(fout, I)
+            if self.shapes[fout.weight][fout.out_dim] != D:
+                self.fail(f"{fout.weight!r} has {self.shapes[fout.weight][fout.out_dim]} outputs, expected {D}")
+            chm = [mem for p in fin for mem in self.out_members(p, 0, 1)] + [self.in_member(fout, 0, 1)]
+            ch = self.group(FFN_CHANNEL, i, I, chm)
+            groups.append(ch)
+            ffn_params = self.unique([x for p in fin for x in (p.weight, p.bias)] + [fout.weight, fout.bias])
+            ffn_shared = self.unique([fout.bias])
+            f_tot = ch.params + sum(self.numel(n) for n in ffn_shared)
+        for n in qkn:
+            self.need(n, (hd,))
+        for n in an + fn:
+            self.need(n, (D,))
+        if H:
+            att = self.group(ATTENTION, i, 1, [self.whole(n) for n in attn_params + an],
+                             attn_flops_coeff=4 * hd * H, window=window)
+            groups.append(att)
+        if I:
+            ffg = self.group(FFN, i, 1, [self.whole(n) for n in ffn_params + fn])
+            groups.append(ffg)
+        block_params = attn_params + an + ffn_params + fn
+        if block_params:
+            groups.append(self.group(BLOCK, i, 1, [self.whole(n) for n in block_params],
+                                     attn_flops_coeff=4 * hd * H, window=window))
+
+        if att and a_tot + sum(self.numel(n) for n in an) != att.params_per_unit:
+            self.fail(f"layer {i}: attention accounting ({a_tot}) does not match its parameters")
+        if ffg and f_tot + sum(self.numel(n) for n in fn) != ffg.params_per_unit:
+            self.fail(f"layer {i}: FFN accounting ({f_tot}) does not match its parameters "
+                      f"({ffg.params_per_unit - sum(self.numel(n) for n in fn)})")
+        norms = sum(self.numel(n) for n in an + fn)
+        acc_layers.append({"layer": i, "attention": a_tot, "attention_shared": attn_shared and
+                           {n: self.numel(n) for n in attn_shared} or {},
+                           "ffn": f_tot, "ffn_shared": {n: self.numel(n) for n in ffn_shared},
+                           "norms": norms, "block": a_tot + f_tot + norms})
+
+        # residual-stream members of this layer
+        hidden_members += [self.m(n, 0, 0, 1) for n in an]
+        if H:
+            hidden_members += [self.in_member(p, 0, 1) for p in (q, k, v)]
+            hidden_members += self.out_members(o, 0, 1)
+        hidden_members += [self.m(n, 0, 0, 1) for n in fn]
+        if I:
+            hidden_members += [self.in_member(p, 0, 1) for p in fin]
+            hidden_members += self.out_members(fout, 0, 1)
+        return groups
+
     def build(self) -> Graph:
         ad = self.ad
-        H, KV, hd, D, I, V, E = ad.n_heads, ad.n_kv, ad.head_dim, ad.hidden, ad.intermediate, ad.vocab, ad.embed_dim
-        if KV <= 0 or H % KV:
-            self.fail(f"{H} attention heads are not a multiple of {KV} key/value heads")
-        rep = H // KV
+        D, V, E = ad.hidden, ad.vocab, ad.embed_dim
+        if ad.n_kv <= 0 or ad.n_heads % ad.n_kv:
+            self.fail(f"{ad.n_heads} attention heads are not a multiple of {ad.n_kv} key/value heads")
         groups: list[Group] = []
         hidden_members: list[Member] = []
         emb_members: list[Member] = []
@@ -194,74 +341,7 @@ class _Builder:
             hidden_members.append(self.m(pos, 1, 0, 1))
 
         for i in range(ad.n_layers):
-            q, k, v, o = ad.q(i), ad.k(i), ad.v(i), ad.o(i)
-            for p in (q, k, v):
-                self.check_proj(p, D)
-            self.check_proj(o, H * hd)
-            if self.shapes[o.weight][o.out_dim] != D:
-                self.fail(f"{o.weight!r} has {self.shapes[o.weight][o.out_dim]} outputs, expected hidden size {D}")
-            self.check_fused([q, k, v])
-            for p, size in ((q, H * hd), (k, KV * hd), (v, KV * hd)):
-                if p.size != size:
-                    self.fail(f"{p.weight!r}: adapter size {p.size} != {size}")
-            fin, fout = ad.ffn_in(i), ad.ffn_out(i)
-            for p in fin:
-                self.check_proj(p, D)
-            self.check_fused(fin)
-            self.check_proj(fout, I)
-            if self.shapes[fout.weight][fout.out_dim] != D:
-                self.fail(f"{fout.weight!r} has {self.shapes[fout.weight][fout.out_dim]} outputs, expected {D}")
-            qkn = ad.qk_norms(i)
-            for n in qkn:
-                self.need(n, (hd,))
-            an, fn = ad.attn_norms(i), ad.ffn_norms(i)
-            for n in an + fn:
-                self.need(n, (D,))
-
-            window = ad.layer_window(i)
-            qh = self.out_members(q, 0, hd) + [self.in_member(o, 0, hd)]
-            groups.append(self.group(QUERY_HEAD, i, H, qh, attn_flops_coeff=4 * hd, window=window))
-            kvm = (self.out_members(q, 0, rep * hd) + self.out_members(k, 0, hd) + self.out_members(v, 0, hd)
-                   + [self.in_member(o, 0, rep * hd)])
-            kvg = self.group(KV_GROUP, i, KV, kvm, attn_flops_coeff=4 * hd * rep, window=window)
-            groups.append(kvg)
-            chm = [mem for p in fin for mem in self.out_members(p, 0, 1)] + [self.in_member(fout, 0, 1)]
-            ch = self.group(FFN_CHANNEL, i, I, chm)
-            groups.append(ch)
-
-            attn_params = self.unique([q.weight, q.bias, k.weight, k.bias, v.weight, v.bias, o.weight, o.bias] + qkn)
-            ffn_params = self.unique([x for p in fin for x in (p.weight, p.bias)] + [fout.weight, fout.bias])
-            att = self.group(ATTENTION, i, 1, [self.whole(n) for n in attn_params + an],
-                             attn_flops_coeff=4 * hd * H, window=window)
-            ffg = self.group(FFN, i, 1, [self.whole(n) for n in ffn_params + fn])
-            blk = self.group(BLOCK, i, 1, [self.whole(n) for n in attn_params + an + ffn_params + fn],
-                             attn_flops_coeff=4 * hd * H, window=window)
-            groups += [att, ffg, blk]
-
-            attn_shared = self.unique([o.bias] + qkn)
-            ffn_shared = self.unique([fout.bias])
-            a_sh = sum(self.numel(n) for n in attn_shared)
-            f_sh = sum(self.numel(n) for n in ffn_shared)
-            norms = sum(self.numel(n) for n in an + fn)
-            a_tot = kvg.params + a_sh
-            f_tot = ch.params + f_sh
-            if a_tot + sum(self.numel(n) for n in an) != att.params_per_unit:
-                self.fail(f"layer {i}: attention accounting ({a_tot}) does not match its parameters")
-            if f_tot + sum(self.numel(n) for n in fn) != ffg.params_per_unit:
-                self.fail(f"layer {i}: FFN accounting ({f_tot}) does not match its parameters "
-                          f"({ffg.params_per_unit - sum(self.numel(n) for n in fn)})")
-            acc_layers.append({"layer": i, "attention": a_tot, "attention_shared": attn_shared and
-                               {n: self.numel(n) for n in attn_shared} or {},
-                               "ffn": f_tot, "ffn_shared": {n: self.numel(n) for n in ffn_shared},
-                               "norms": norms, "block": a_tot + f_tot + norms})
-
-            # residual-stream members of this layer
-            hidden_members += [self.m(n, 0, 0, 1) for n in an]
-            hidden_members += [self.in_member(p, 0, 1) for p in (q, k, v)]
-            hidden_members += self.out_members(o, 0, 1)
-            hidden_members += [self.m(n, 0, 0, 1) for n in fn]
-            hidden_members += [self.in_member(p, 0, 1) for p in fin]
-            hidden_members += self.out_members(fout, 0, 1)
+            groups += self.layer_groups(i, hidden_members, acc_layers)
 
         fnorm = ad.final_norm()
         for n in fnorm:
@@ -297,4 +377,11 @@ class _Builder:
         notes = list(ad.notes)
         if not ad.pre_norm:
             notes.append("post-LN: masking a whole sublayer/block is not equivalent to removing it.")
-        return Graph(ad.family, ad.summary() | {"tied": bool(self.tied)}, groups, acc, dict(self.tied), notes)
+        summary = ad.summary() | {"tied": bool(self.tied)}
+        if _differs_from_config(ad):  # the config's heads/kv_heads/intermediate are not what is there
+            summary["per_layer"] = [{"heads": ad.layer_heads(i), "kv_heads": ad.layer_kv(i), "ffn": ad.layer_ffn(i)}
+                                    for i in range(ad.n_layers)]
+            notes.append(f"per-layer shapes (a pruned model): {describe_layer_counts(ad)}; the config's "
+                         f"{_heads_text(ad.n_heads, ad.n_kv)} / FFN {ad.intermediate} are the original "
+                         f"model's. Such a graph describes the model; it cannot be pruned again.")
+        return Graph(ad.family, summary, groups, acc, dict(self.tied), notes)

@@ -7,7 +7,8 @@ from .model import ATTENTION, BLOCK, FFN, FFN_CHANNEL, HIDDEN_CHANNEL, KV_GROUP,
 _LAYER_KINDS = (KV_GROUP, QUERY_HEAD, FFN_CHANNEL, ATTENTION, FFN, BLOCK)
 
 
-def _ranges(idx: list[int]) -> str:
+def layer_ranges(idx: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
     out, start = [], idx[0]
     for a, b in zip(idx, idx[1:] + [None]):
         if b != a + 1:
@@ -18,9 +19,14 @@ def _ranges(idx: list[int]) -> str:
 
 def summary_text(g: Graph) -> str:
     c = g.config
+    if c.get("per_layer"):  # a pruned model: the config's counts are the original model's
+        widths = (f"per-layer query heads, KV groups and FFN widths (the units per layer below; head_dim "
+                  f"{c['head_dim']}, {c['ffn']} FFN)")
+    else:
+        widths = (f"{c['heads']} query heads in {c['kv_heads']} KV groups (head_dim {c['head_dim']}), "
+                  f"FFN {c['intermediate']} ({c['ffn']})")
     lines = [f"structlm graph: family {g.family} (model_type {c.get('model_type')})",
-             f"  {c['layers']} layers, hidden {c['hidden']}, {c['heads']} query heads in {c['kv_heads']} KV groups "
-             f"(head_dim {c['head_dim']}), FFN {c['intermediate']} ({c['ffn']}), vocab {c['vocab']}, "
+             f"  {c['layers']} layers, hidden {c['hidden']}, {widths}, vocab {c['vocab']}, "
              f"{'tied' if c['tied'] else 'untied'} lm_head, {c['norm']}, {'pre' if c['pre_norm'] else 'post'}-norm, "
              f"{c['positions']} positions"]
     if c.get("embed_dim") != c["hidden"]:
@@ -37,9 +43,12 @@ def summary_text(g: Graph) -> str:
         window = g.groups_of(ATTENTION, layer)[0].window if g.groups_of(ATTENTION, layer) else None
         if window:
             kind_name += f", window {window}"
+        for sublayer in (ATTENTION, FFN):  # only a pruned model's graph lacks a sublayer
+            if not g.groups_of(sublayer, layer):
+                kind_name += f"{', ' if kind_name else ''}{sublayer} removed"
         rows.setdefault((kind_name, tuple(cells)), []).append(layer)
     for (lt, cells), layers in rows.items():
-        lines.append(f"  layers {_ranges(layers)}" + (f" ({lt})" if lt else "") + ":")
+        lines.append(f"  layers {layer_ranges(layers)}" + (f" ({lt})" if lt else "") + ":")
         for kind, count, ppu, fl in cells:
             lines.append(f"    {kind:<15} {count:>7} x {ppu:>14,} params   {fl:>14,} FLOPs/token")
     lines.append("global units:")
