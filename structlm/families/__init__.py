@@ -51,6 +51,15 @@ def adapter_class(model_type: str) -> type[FamilyAdapter]:
         raise UnsupportedArchitectureError(model_type, sorted(_REGISTRY)) from None
 
 
+def family_class(family: str) -> type[FamilyAdapter]:
+    """The adapter class of a family name (``graph.family``), e.g. "gemma3"."""
+    _load_builtin()
+    for cls in _REGISTRY.values():
+        if cls.family == family:
+            return cls
+    raise KeyError(f"no adapter for family {family!r}")
+
+
 def get_adapter(config) -> FamilyAdapter:
     """The adapter instance for a transformers config (raises UnsupportedArchitectureError)."""
     model_type = getattr(config, "model_type", None)

@@ -69,6 +69,9 @@ class FamilyAdapter:
     qk_norm_modules: tuple[str, ...] = ()                         # per-head_dim norms (Qwen3, Gemma3)
     attn_norm_modules: tuple[str, ...] = ("input_layernorm",)     # used only by the attention sublayer
     ffn_norm_modules: tuple[str, ...] = ("post_attention_layernorm",)  # used only by the FFN sublayer
+    # sublayer outputs pass through a norm before the residual add (Gemma 3's post norms): the
+    # norm rescales them, so only their relative error reaches the residual stream
+    output_norms: bool = False
     # facts
     norm_kind = "rmsnorm"          # "rmsnorm" | "layernorm" | "gemma_rmsnorm" (scale is 1 + weight)
     positions = "rope"             # "rope" | "learned"

@@ -14,6 +14,7 @@ class Gemma3Adapter(FamilyAdapter):
     attn_norm_modules = ("input_layernorm", "post_attention_layernorm")
     ffn_norm_modules = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
     norm_kind = "gemma_rmsnorm"
+    output_norms = True
     notes = (
         "Token embeddings are multiplied by sqrt(hidden_size) (a buffer fixed at construction): after "
         "hidden-channel pruning keep the original scale, or the model changes.",

@@ -331,14 +331,15 @@ def dp_choice(options: list[list[tuple[int, float]]], need: int, buckets: int = 
     return choice
 
 
-ERROR_SCALES = ("residual", "output", "none")
+ERROR_SCALES = ("auto", "residual", "output", "none")
 
 
 def scaled_error(sub: SublayerLevels, level: Level, scale: str) -> float:
     """A level's error made comparable across depth: ``residual`` divides by the energy of the
     residual stream the sublayer writes into (a relative perturbation of the hidden state),
     ``output`` by the sublayer's own dense output energy (its removal error: every removal costs
-    1), ``none`` keeps the raw squared error (small in early layers, where the residual is small)."""
+    1), ``none`` keeps the raw squared error (small in early layers, where the residual is small).
+    ``auto`` is resolved by :func:`resolve_error_scale` before this is called."""
     if scale == "none":
         return level.error
     if scale == "residual":
@@ -348,14 +349,27 @@ def scaled_error(sub: SublayerLevels, level: Level, scale: str) -> float:
     raise ZipLMError(f"ziplm: unknown error_scale {scale!r}; choose from {', '.join(ERROR_SCALES)}")
 
 
+def resolve_error_scale(scale: str, family: str) -> str:
+    """``auto``: ``output`` where sublayer outputs are normed before the residual add (Gemma 3: the
+    post norm rescales a shrunken output back up, so its raw or residual-relative error says
+    little; measured on Gemma-3-270M at params=0.8, 8k held-out tokens: ppl 150 with ``output``,
+    765 with ``residual``), ``residual`` elsewhere (SmolLM2 at params=0.8: 32.6 vs 63.6)."""
+    if scale != "auto":
+        return scale
+    from ..families import family_class
+
+    return "output" if family_class(family).output_norms else "residual"
+
+
 def allocate_levels(db: LevelDatabase, graph, target, *, allocation: str = "dp", buckets: int = 20000,
-                    error_scale: str = "residual") -> tuple[list[int], dict]:
+                    error_scale: str = "auto") -> tuple[list[int], dict]:
     """The level index of every sublayer of ``db`` meeting a params target."""
     t = parse_target(target)
     if t.kind != "params":
         raise ZipLMError(f"ziplm takes a params target (e.g. params=0.8), not {t}")
     budget = int(math.floor(t.value * graph.total_params))
     need = graph.total_params - budget
+    error_scale = resolve_error_scale(error_scale, graph.family)
     options = [[(removed_params(graph, s, lv), scaled_error(s, lv, error_scale)) for lv in s.levels]
                for s in db.sublayers]
     deepest = sum(max(r for r, _ in opts) for opts in options)
@@ -527,7 +541,7 @@ def _options(graph, options: dict) -> dict:
                            hint=f"its options: {', '.join(_OPTIONS)} (docs/reconstruction.md)")
     align = int(options.get("align", 8))
     opts = {"damp": float(options.get("damp", 0.01)), "allocation": options.get("allocation", "dp"),
-            "error_scale": options.get("error_scale", "residual"),
+            "error_scale": options.get("error_scale", "auto"),
             "layers": parse_layers(options.get("layers"), graph.n_layers), "align": align,
             "ffn_step": int(align if options.get("ffn_step") is None else options["ffn_step"]), "sequential": bool(options.get("sequential", True)),
             "batch_size": int(options.get("batch_size", 8)), "buckets": int(options.get("buckets", 20000)),
