@@ -39,6 +39,7 @@ def wikipedia_articles() -> tuple[tuple[str, str], ...]:
             return tuple(tuple(a) for a in json.loads(stripped.read_text(encoding="utf-8")))
         except (json.JSONDecodeError, TypeError):
             stripped.unlink()
+    assets.verify(BUILTIN)  # a damaged cached file is named and removed (sha256), so it is fetched afresh
     root = ET.fromstring(bz2.open(path).read())
     ns = root.tag.split("}")[0] + "}"
     articles = []
@@ -70,19 +71,7 @@ def load_documents(source: str = BUILTIN, split: str = "calibration", text_field
         return texts[:WIKI_CALIBRATION_ARTICLES] if split == "calibration" else texts[-WIKI_HELDOUT_ARTICLES:]
     path = Path(source).expanduser()
     if path.is_file():
-        if path.suffix == ".jsonl":
-            docs = []
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        docs.append(json.loads(line)[text_field])
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise DataError(f"{path}:{lineno}: expected a JSON object with a {text_field!r} "
-                                        f"field ({e})") from e
-            return docs
-        return [path.read_text(encoding="utf-8")]
+        return _file_documents(path, text_field)
     if path.is_dir():
         import datasets
 
@@ -97,6 +86,30 @@ def load_documents(source: str = BUILTIN, split: str = "calibration", text_field
         return _hub_documents(source, split, text_field)
     raise DataError(f"text source {source!r} not found: use {BUILTIN!r}, a .txt/.jsonl file, "
                     f"a folder saved with datasets.save_to_disk, or a datasets hub name")
+
+
+def _file_documents(path: Path, text_field: str) -> list[str]:
+    """A .jsonl file (one JSON object per line, text in ``text_field``) or any other file read
+    whole as UTF-8 text."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                        f"give a .txt or .jsonl text file, or a folder saved with datasets.save_to_disk") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    if path.suffix != ".jsonl":
+        return [text]
+    docs = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            docs.append(json.loads(line)[text_field])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"{path}:{lineno}: expected a JSON object with a {text_field!r} "
+                            f"field ({e})") from e
+    return docs
 
 
 def _dataset_texts(ds, split, text_field, source) -> list[str]:
@@ -118,6 +131,7 @@ def _hub_documents(name: str, split: str, text_field: str) -> list[str]:
     config = None
     if ":" in name:
         name, config = name.split(":", 1)
+    assets.require_hub(f"text source {name!r}", instead=f"{BUILTIN!r}, a local .txt/.jsonl file or a saved dataset folder")
     try:
         ds = datasets.load_dataset(name, config)
     except Exception as e:
