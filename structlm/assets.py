@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .outputs import staging_folder, write_atomic  # noqa: F401  (write_atomic: used by data)
+from .outputs import staging_folder, write_atomic
 
 
 class AssetError(RuntimeError):
@@ -223,7 +223,7 @@ def _die_with_parent():
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
-    parent = os.getppid()
+    parent = os.getpid()  # this process, the child's parent-to-be
 
     def preexec():
         libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG

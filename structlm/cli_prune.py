@@ -133,12 +133,15 @@ def _method_options(args) -> dict:
 
 # ---- checks that need the model ----------------------------------------------------------------
 
-def _check_against_model(args, model, graph, output) -> None:
-    """Refuse, before calibration and scoring, what the model cannot do."""
+def _check_against_model(args, model, tokenizer, graph, output) -> None:
+    """Refuse, before calibration and scoring, what the model (or its tokenizer) cannot do."""
+    evaluates = not args.dry_run and not args.no_eval
     lengths = {"--calib-len": args.calib_len} if args.method else {}
-    if not args.dry_run and not args.no_eval:
+    if evaluates:
         lengths.update(eval_lengths(ppl=True, latency=True, seq_len=args.seq_len, latency_seq=args.latency_seq))
     check_context(model, lengths)
+    if evaluates:  # the held-out text is read again after scoring; a bad --eval-data must not wait for that
+        data.heldout_windows(tokenizer, seq_len=args.seq_len, max_tokens=args.eval_tokens, source=args.eval_data)
     fraction = 1.0
     if args.method:
         from .targets import check_fits, parse_target
@@ -239,7 +242,7 @@ def run(args) -> int:
     with reserved as output:
         model, tokenizer = load_model_arg(args.model, args.device)
         graph = build_graph(model)
-        _check_against_model(args, model, graph, output)
+        _check_against_model(args, model, tokenizer, graph, output)
         calib = None
         if plan is None:
             calib = data.calibration_samples(tokenizer, args.calib_samples, args.calib_len, source=args.calib_data,

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import assets
+from .outputs import write_atomic
 
 BUILTIN = "wikipedia"
 WIKI_CALIBRATION_ARTICLES = 59
@@ -57,7 +58,7 @@ def wikipedia_articles() -> tuple[tuple[str, str], ...]:
     if len(articles) != expected:
         raise DataError(f"the built-in Wikipedia sample has {len(articles)} articles, expected {expected}; "
                         f"the cached file may be damaged: delete {path} and retry")
-    assets.write_atomic(stripped, json.dumps(articles).encode("utf-8"))
+    write_atomic(stripped, json.dumps(articles).encode("utf-8"))
     return tuple(articles)
 
 
@@ -190,11 +191,13 @@ def heldout_windows(tokenizer, seq_len: int = 2048, max_tokens: int | None = Non
     ids = tokenize_documents(tokenizer, load_documents(source, "heldout", text_field))
     if max_tokens is not None:
         if max_tokens > ids.numel():
-            raise DataError(f"--max-tokens {max_tokens} is larger than the held-out text of {source!r} "
-                            f"({ids.numel()} tokens); ask for at most {ids.numel()}")
+            raise DataError(f"{max_tokens} held-out tokens asked for (eval --max-tokens, prune --eval-tokens) "
+                            f"is larger than the held-out text of {source!r} ({ids.numel()} tokens); "
+                            f"ask for at most {ids.numel()}")
         if max_tokens < seq_len:
-            raise DataError(f"--max-tokens {max_tokens} is shorter than one window of {seq_len} tokens; "
-                            f"raise it or lower the window length")
+            raise DataError(f"{max_tokens} held-out tokens asked for (eval --max-tokens, prune --eval-tokens) "
+                            f"is shorter than one window of {seq_len} tokens (--seq-len); raise it or "
+                            f"lower the window length")
         ids = ids[:max_tokens]
     windows = _windows(ids, seq_len, needs_bos(tokenizer))
     if windows.shape[0] == 0:

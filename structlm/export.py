@@ -24,7 +24,7 @@ import torch
 
 from . import layout as layout_module
 from .families import get_adapter
-from .outputs import OutputError, OutputFolder, check_output_path, describe_os_error  # noqa: F401 (API)
+from .outputs import OutputError, OutputFolder, describe_os_error
 
 REMOTE_FILE = "modeling_structlm.py"
 MODEL_CARD = "README.md"

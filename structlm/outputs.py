@@ -146,11 +146,22 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def _check_creatable_under(path: Path, flag: str) -> Path:
-    """The closest existing ancestor of ``path``, checked to be a folder we can create things in."""
+def _existing_parent_folder(path: Path, flag: str) -> Path:
+    """The closest existing ancestor of ``path``, refused when it is a file (``path`` is under a file)."""
     ancestor = _nearest_existing(path.parent)
     if not ancestor.is_dir():
         raise OutputError(f"{flag} {path}: cannot create it because {ancestor} is a file, not a folder")
+    return ancestor
+
+
+def _occupied(path: Path) -> bool:
+    """Whether writing ``path`` would replace something: a file, or a folder that is not empty."""
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def _check_creatable_under(path: Path, flag: str) -> Path:
+    """The closest existing ancestor of ``path``, checked to be a folder we can create things in."""
+    ancestor = _existing_parent_folder(path, flag)
     try:
         probe = tempfile.mkdtemp(prefix=f".structlm-probe-{os.getpid()}-", dir=ancestor)
     except OSError as e:
@@ -210,14 +221,11 @@ def check_output_path(out: Path, force: bool, flag: str = "--out") -> None:
     if why:
         raise OutputError(f"{flag} {out}: refusing to write a checkpoint there because {why}; "
                           f"name a new folder, e.g. {flag} out/pruned")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not force:
-            raise FileExistsError(f"output path {out} exists and is not empty; choose another path or pass "
-                                  f"--force (force=True) to replace it")
+    if _occupied(out) and not force:
+        raise FileExistsError(f"output path {out} exists and is not empty; choose another path or pass "
+                              f"--force (force=True) to replace it")
     if not out.exists():
-        ancestor = _nearest_existing(out.parent)
-        if not ancestor.is_dir():
-            raise OutputError(f"{flag} {out}: cannot create it because {ancestor} is a file, not a folder")
+        _existing_parent_folder(out, flag)
 
 
 class OutputLock:
@@ -291,7 +299,8 @@ class OutputFolder:
             sweep_stale(self.out.parent, f".{self.out.name}.old-")
         except OSError as e:
             self._undo()
-            raise OutputError(f"{self.flag} {self.out}: cannot create {e.filename or self.out.parent} "
+            where = Path(e.filename).parent if e.filename else self.out.parent  # the folder, not our entry
+            raise OutputError(f"{self.flag} {self.out}: cannot write in {where} "
                               f"({describe_os_error(e, creating=True)}); choose another path") from None
         except BaseException:
             self._undo()
@@ -333,7 +342,7 @@ class OutputFolder:
     def commit(self) -> Path:
         """Give the staged files shareable modes and rename them into place.  A path that
         appeared at ``out`` while we worked (checked under the lock) is replaced only with force."""
-        if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())) and not self.force:
+        if _occupied(self.out) and not self.force:
             raise FileExistsError(f"output path {self.out} appeared while structlm was working (written by "
                                   f"another program?) and was left as it is; choose another path or pass "
                                   f"--force (force=True) to replace it")

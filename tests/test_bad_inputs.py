@@ -117,6 +117,30 @@ def _disk_full(monkeypatch, w, tmp):
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(1 << 30, 1 << 30, 1 << 20))
 
 
+def _read_only_file_system(monkeypatch, w, tmp):
+    """Creating anything under tmp/ro fails as on a read-only mount (EROFS)."""
+    import errno
+
+    (tmp / "ro").mkdir()
+    real_open, real_mkdir = os.open, os.mkdir
+
+    def refuse(real):
+        def call(path, *args, **kw):
+            if str(path).startswith(str(tmp / "ro") + os.sep):
+                raise OSError(errno.EROFS, "Read-only file system", str(path))
+            return real(path, *args, **kw)
+        return call
+
+    monkeypatch.setattr(os, "open", refuse(real_open))
+    monkeypatch.setattr(os, "mkdir", refuse(real_mkdir))
+
+
+def _read_only_folder(monkeypatch, w, tmp):
+    (tmp / "ro").mkdir()
+    (tmp / "ro").chmod(0o555)
+    return lambda: (tmp / "ro").chmod(0o755)
+
+
 def _locked(monkeypatch, w, tmp):
     lock = OutputLock(w / "locked")
     lock.acquire()
@@ -159,6 +183,7 @@ def _no_registry(package, dest):
 
 OWNED_BY_LEAD = pytest.mark.xfail(strict=False, reason="plan schema: owned by the lead (plan.py), lands on merge")
 OWNED_BY_H12A = pytest.mark.xfail(strict=False, reason="non-finite weights: owned by h12a, lands on merge")
+AS_ROOT = pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 
 PRUNE = ["prune", "{w}/tiny", "--calib-data", "{w}/text.txt", "--calib-samples", "2", "--calib-len", "16",
@@ -254,6 +279,12 @@ CASES = [
     case("binary-calib-data", SHORTGPT + ["--calib-data", "{w}/binary.txt"] + OUT, "binary.txt", "not UTF-8"),
     case("eval-seq-len-above-context", [a for a in SHORTGPT if a != "--no-eval"] + ["--seq-len", "4096"] + OUT,
          "--seq-len", f"context of {TINY_CONTEXT}"),
+    case("eval-data-binary", [a for a in SHORTGPT if a != "--no-eval"] + ["--seq-len", "32", "--latency-seq", "8",
+                                                                           "--eval-data", "{w}/binary.txt"] + OUT,
+         "binary.txt", "not UTF-8"),
+    case("eval-tokens-below-one-window", [a for a in SHORTGPT if a != "--no-eval"] + ["--seq-len", "64",
+                                                                                       "--eval-tokens", "10"] + OUT,
+         "10 held-out tokens", "--eval-tokens", "shorter than one window"),
     # plans
     case("plan-missing", PRUNE + ["--plan", "{w}/no-such-plan.json"] + OUT, "no-such-plan.json", "not found"),
     case("plan-not-json", PRUNE + ["--plan", "{w}/plan_not_json.json"] + OUT, "not valid JSON"),
@@ -273,6 +304,12 @@ CASES = [
     case("out-under-proc", SHORTGPT + ["--out", "/proc/structlm-test-out"], "/proc/structlm-test-out"),
     case("out-is-the-current-folder", SHORTGPT + ["--out", ".", "--force"], "current folder"),
     case("out-is-the-model", SHORTGPT + ["--out", "{w}/tiny", "--force"], "model being pruned"),
+    case("out-read-only-file-system", SHORTGPT + ["--out", "{tmp}/ro/out"], "ro", "read-only",
+         setup=_read_only_file_system),
+    case("out-read-only-folder", SHORTGPT + ["--out", "{tmp}/ro/out"], "ro", "permission denied",
+         setup=_read_only_folder, marks=AS_ROOT),
+    case("json-read-only-folder", PPL + ["--json", "{tmp}/ro/r.json"], "--json", "permission denied",
+         setup=_read_only_folder, marks=AS_ROOT),
     case("out-disk-full", SHORTGPT + OUT, "not enough disk space", setup=_disk_full),
     case("out-being-written", SHORTGPT + ["--out", "{w}/locked"], "another structlm process", setup=_locked),
 ]
