@@ -222,10 +222,6 @@ def _table(before: dict | None, after: dict, stats: dict) -> str:
     return "\n".join(lines)
 
 
-def _removes_sublayers(plan) -> bool:
-    return bool(plan.removed_blocks) or any(not lp.attention or not lp.ffn for lp in plan.layers.values())
-
-
 # ---- the verb ----------------------------------------------------------------------------------
 
 def run(args) -> int:
@@ -267,7 +263,7 @@ def run(args) -> int:
                   "environment": {"python": platform.python_version(), "platform": platform.platform()},
                   "total_seconds": round(time.perf_counter() - started, 1)}
 
-        if _removes_sublayers(plan):
+        if export.removes_sublayers(plan):
             from .figures import plot_removed
 
             plot_removed(plan, graph, output.staging / "removed.png")  # removed sublayers/blocks, in order

