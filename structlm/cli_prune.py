@@ -1,17 +1,29 @@
-"""``structlm prune MODEL``: plan (by a method or from a file), shrink, save, evaluate before/after."""
+"""``structlm prune MODEL``: plan (by a method or from a file), shrink, save, evaluate before/after.
+
+The order matters to a user: every argument is checked first, then the output folder is
+reserved (checked, locked, staged: :class:`structlm.outputs.OutputFolder`), then the model is
+loaded and what depends on it is checked (context length, block counts, disk space), and only
+then does the long work start.  Every output file, the figure and the model card included, is
+written into the staging folder, which is renamed into place at the very end."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
-import sys
+import shlex
 import time
 from pathlib import Path
 
 from . import __version__, data, methods, models
-from .cli_eval import add_common_model_args, evaluate_model
+from .cli_eval import (add_common_model_args, check_context, eval_lengths, evaluate_model, int_at_least,
+                       load_model_arg)
 from .plan import PrunePlan
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# method options that are sizes in every method that takes them (other options are checked by the methods)
+POSITIVE_INT_OPTIONS = ("batch_size",)
 
 
 def register(subparsers) -> None:
@@ -19,14 +31,16 @@ def register(subparsers) -> None:
         "prune", help="prune a model and save a smaller dense checkpoint",
         description="Prune MODEL by a method and a target, or by a hand-written plan (--plan), shrink the "
                     "tensors physically, save a checkpoint that loads with stock transformers into --out "
-                    "(with plan.json, recipe.json and report.json beside it), and evaluate before/after.",
+                    "(with plan.json, recipe.json, report.json and a README.md model card), and evaluate "
+                    "before/after.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_model_args(p)
     how = p.add_argument_group("what to remove")
     how.add_argument("--plan", type=Path, help="a plan JSON file (format: docs/formats.md)")
-    how.add_argument("--method", help=f"a pruning method: {', '.join(methods.available()) or 'none yet'}")
+    how.add_argument("--method", help=f"a pruning method: {', '.join(methods.available()) or 'none yet'} "
+                                      f"(case and hyphens as in the papers are accepted: LLM-Pruner, Wanda-SP)")
     how.add_argument("--target", help="params=0.8 keeps 80%% of parameters; blocks=N or sublayers=N removes N")
-    how.add_argument("--align", type=int, default=None,
+    how.add_argument("--align", type=int_at_least(1), default=None,
                      help="round kept FFN/hidden widths up to a multiple of N (default: the plan's, 8)")
     how.add_argument("-O", "--option", action="append", default=[], metavar="KEY=VALUE",
                      help="a method option, repeatable: -O distance=kl -O screen_samples=16 (values read as "
@@ -35,22 +49,30 @@ def register(subparsers) -> None:
     how.add_argument("--dry-run", action="store_true", help="print the plan and its shapes, change nothing")
     cal = p.add_argument_group("calibration")
     cal.add_argument("--calib-data", default=data.BUILTIN, help="calibration text (see structlm eval --data)")
-    cal.add_argument("--calib-samples", type=int, default=32, help="number of calibration samples")
-    cal.add_argument("--calib-len", type=int, default=256, help="tokens per calibration sample")
+    cal.add_argument("--calib-samples", type=int_at_least(1), default=32, help="number of calibration samples")
+    cal.add_argument("--calib-len", type=int_at_least(2), default=256, help="tokens per calibration sample")
     cal.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, help="output folder (required unless --dry-run)")
     out.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    out.add_argument("--dtype", choices=DTYPES, default="auto",
+                     help="dtype of the saved weights and of the before/after evaluation (scores are always "
+                          "computed in float32). auto: the source checkpoint's dtype; float32 for the built-in "
+                          "aliases and .gguf files, which are dequantized to float32. bfloat16 halves the size")
     ev = p.add_argument_group("evaluation before/after")
     ev.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
-    ev.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens for perplexity")
-    ev.add_argument("--seq-len", type=int, default=2048, help="perplexity window")
-    ev.add_argument("--latency-seq", type=int, default=128, help="latency prompt length")
+    ev.add_argument("--eval-data", default=data.BUILTIN,
+                    help="held-out text for the before/after perplexity (see structlm eval --data)")
+    ev.add_argument("--eval-tokens", type=int_at_least(1), default=32768, help="held-out tokens for perplexity")
+    ev.add_argument("--seq-len", type=int_at_least(2), default=2048, help="perplexity window")
+    ev.add_argument("--latency-seq", type=int_at_least(1), default=128, help="latency prompt length")
     from .methods._width import add_method_args  # width-method flags (--prune-hidden, --gqa, ...)
 
     add_method_args(p)
     p.set_defaults(func=run)
 
+
+# ---- checks that need no model -----------------------------------------------------------------
 
 def _check_args(args) -> None:
     if args.plan is None and not (args.method and args.target):
@@ -59,17 +81,128 @@ def _check_args(args) -> None:
         raise ValueError("give either --plan or --method/--target, not both")
     if not args.dry_run and args.out is None:
         raise ValueError("--out DIR is required (or use --dry-run)")
-    if args.out is not None and not args.dry_run:
-        from .export import check_output_path
-
-        check_output_path(args.out, args.force)
     if args.option and not args.method:
         raise ValueError("-O/--option sets options of a --method; a --plan takes none")
     if args.method:
         from .targets import parse_target
 
         methods.get(args.method)
+        args.method = methods.canonical_name(args.method)  # "LLM-Pruner" is recorded as llm_pruner
         parse_target(args.target)
+    if args.out is not None and not args.dry_run:
+        from .outputs import check_output_path
+
+        check_output_path(args.out, args.force)  # again, under a lock, when the output is reserved
+        _check_not_the_source(args.out, args.model)
+
+
+def _check_not_the_source(out: Path, model: str) -> None:
+    """--out must not be (or contain) the model folder being pruned: --force would delete it."""
+    kind, info = models.resolve(model)
+    if kind not in ("folder", "gguf"):
+        return
+    source, target = Path(info["dir"]).resolve(), out.resolve()
+    if target == source or target in source.parents:
+        raise ValueError(f"--out {out} is or contains the model being pruned ({info['dir']}); "
+                         f"write the pruned checkpoint to a new folder")
+
+
+def parse_option(item: str) -> tuple[str, object]:
+    """"KEY=VALUE" -> (key, value), the value read as JSON where it is JSON, else as text."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"-O {item!r}: write a method option as KEY=VALUE, e.g. -O screen_samples=16")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    key = key.strip()
+    if key in POSITIVE_INT_OPTIONS and (isinstance(parsed, bool) or not isinstance(parsed, int) or parsed < 1):
+        raise ValueError(f"-O {item}: {key} must be a positive whole number, e.g. -O {key}=4")
+    return key, parsed
+
+
+def _method_options(args) -> dict:
+    """The width-method flags plus every -O KEY=VALUE."""
+    from .methods._width import method_options
+
+    options = method_options(args)
+    options.update(parse_option(item) for item in args.option)
+    return options
+
+
+# ---- checks that need the model ----------------------------------------------------------------
+
+def _check_against_model(args, model, tokenizer, graph, output) -> None:
+    """Refuse, before calibration and scoring, what the model (or its tokenizer) cannot do."""
+    evaluates = not args.dry_run and not args.no_eval
+    lengths = {"--calib-len": args.calib_len} if args.method else {}
+    if evaluates:
+        lengths.update(eval_lengths(ppl=True, latency=True, seq_len=args.seq_len, latency_seq=args.latency_seq))
+    check_context(model, lengths)
+    if evaluates:  # the held-out text is read again after scoring; a bad --eval-data must not wait for that
+        data.heldout_windows(tokenizer, seq_len=args.seq_len, max_tokens=args.eval_tokens, source=args.eval_data)
+    fraction = 1.0
+    if args.method:
+        from .targets import check_fits, parse_target
+
+        target = parse_target(args.target)
+        check_fits(target, graph.n_layers)
+        fraction = target.value if target.kind == "params" else 1.0
+    if output is not None:
+        weights = models.count_parameters(model) * _save_dtype(args).itemsize
+        output.require_space(int(weights * fraction) + (16 << 20), "the checkpoint")
+
+
+def _save_dtype(args):
+    """--dtype, with auto read from the source checkpoint (float32 for aliases and .gguf files)."""
+    import torch
+
+    if args.dtype != "auto":
+        return getattr(torch, args.dtype)
+    if models.resolve(args.model)[0] in ("alias", "gguf"):
+        return torch.float32
+    config = models.load_config(args.model)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+# ---- what is written ---------------------------------------------------------------------------
+
+def _base_model(model_arg: str) -> str | None:
+    """The hub id of the original model, for the model card (None where it is not known)."""
+    from . import assets
+
+    kind, info = models.resolve(model_arg)
+    if kind == "alias":
+        return assets.ASSETS[info["alias"]].extra.get("base_model")
+    if kind == "hub":
+        return info["id"]
+    recipe = Path(info["dir"]) / "recipe.json"  # pruning a structlm output again: keep its base model
+    if kind == "folder" and recipe.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            return json.loads(recipe.read_text()).get("base_model")
+    return None
+
+
+def _recipe(args, options: dict, plan, dtype) -> dict:
+    from . import assets
+
+    kind, info = models.resolve(args.model)
+    asset = assets.ASSETS.get(info.get("alias")) if kind == "alias" else None
+    return {"structlm": __version__, "model": args.model, "base_model": _base_model(args.model),
+            "source": f"{asset.description} from PyPI ({asset.wheels[0].package}), dequantized to float32"
+            if asset else None, "license": asset.extra.get("license_id") if asset else None,
+            "method": args.method, "target": args.target, "options": options,
+            "plan_file": str(args.plan) if args.plan else None, "align": plan.align,
+            "dtype": str(dtype).removeprefix("torch."),
+            "calibration": None if args.plan else {"data": args.calib_data, "samples": args.calib_samples,
+                                                     "tokens": args.calib_len, "seed": args.seed},
+            "evaluation": None if args.no_eval else {"data": args.eval_data, "tokens": args.eval_tokens,
+                                                      "window": args.seq_len, "latency_seq": args.latency_seq},
+            "command": "structlm " + shlex.join(getattr(args, "argv", None) or ["prune", args.model])}
 
 
 def _table(before: dict | None, after: dict, stats: dict) -> str:
@@ -89,25 +222,7 @@ def _table(before: dict | None, after: dict, stats: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_option(item: str) -> tuple[str, object]:
-    """"KEY=VALUE" -> (key, value), the value read as JSON where it is JSON, else as text."""
-    key, sep, value = item.partition("=")
-    if not sep or not key.strip():
-        raise ValueError(f"-O {item!r}: write a method option as KEY=VALUE, e.g. -O screen_samples=16")
-    try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip(), value
-
-
-def _method_options(args) -> dict:
-    """The width-method flags plus every -O KEY=VALUE."""
-    from .methods._width import method_options
-
-    options = method_options(args)
-    options.update(parse_option(item) for item in args.option)
-    return options
-
+# ---- the verb ----------------------------------------------------------------------------------
 
 def run(args) -> int:
     from . import export
@@ -115,43 +230,48 @@ def run(args) -> int:
     from .pipeline import make_plan, prune
 
     _check_args(args)
+    options = _method_options(args) if args.method else {}
+    plan = PrunePlan.load(args.plan) if args.plan else None  # read (and schema-checked) before any work
     models.set_threads(args.threads)
     started = time.perf_counter()
-    model, tokenizer = models.load_model(args.model)
-    model.to(args.device)
-    graph = build_graph(model)
-    plan = PrunePlan.load(args.plan) if args.plan else None
-    calib = None
-    if plan is None:
-        calib = data.calibration_samples(tokenizer, args.calib_samples, args.calib_len, source=args.calib_data,
-                                         seed=args.seed).to(args.device)
-    options = _method_options(args)
-    plan, info, score_stats = make_plan(model, method=args.method, target=args.target, calib=calib, plan=plan,
-                                        align=args.align, graph=graph, options=options)
-    print(plan.summary_text(graph))
-    if args.dry_run:
-        return 0
-    eval_kw = dict(ppl=True, latency=True, max_tokens=args.eval_tokens, seq_len=args.seq_len,
-                   latency_seq=args.latency_seq)
-    before = None if args.no_eval else evaluate_model(model, tokenizer, **eval_kw)
-    result = prune(model, plan=plan)
-    result.stats.update(score_stats)
-    after = None if args.no_eval else evaluate_model(model, tokenizer, **eval_kw)
-    recipe = {"structlm": __version__, "model": args.model, "method": args.method, "target": args.target,
-              "options": options, "plan_file": str(args.plan) if args.plan else None, "align": plan.align,
-              "calibration": None if args.plan else {"data": args.calib_data, "samples": args.calib_samples,
-                                                       "tokens": args.calib_len, "seed": args.seed},
-              "command": "structlm " + " ".join(sys.argv[1:]) if sys.argv and "structlm" in sys.argv[0] else None}
-    report = {"model": args.model, "method": args.method or "plan", "target": args.target, "stats": result.stats,
-              "shapes": plan.shapes(graph), "before": before, "after": after, "method_info": info,
-              "environment": {"python": platform.python_version(), "platform": platform.platform()},
-              "total_seconds": None}
-    report["total_seconds"] = round(time.perf_counter() - started, 1)
-    export.save(model, tokenizer, args.out, plan=plan, recipe=recipe, report=report, force=args.force)
-    if plan.removed_blocks or any(not lp.attention or not lp.ffn for lp in plan.layers.values()):
-        from .figures import plot_removed
-        plot_removed(plan, graph, args.out / "removed.png")  # removed sublayers/blocks, numbered by order
+    reserved = contextlib.nullcontext() if args.dry_run else export.OutputFolder(args.out, args.force)
+    with reserved as output:
+        model, tokenizer = load_model_arg(args.model, args.device)
+        graph = build_graph(model)
+        _check_against_model(args, model, tokenizer, graph, output)
+        calib = None
+        if plan is None:
+            calib = data.calibration_samples(tokenizer, args.calib_samples, args.calib_len, source=args.calib_data,
+                                             seed=args.seed).to(args.device)
+        plan, info, score_stats = make_plan(model, method=args.method, target=args.target, calib=calib, plan=plan,
+                                            align=args.align, graph=graph, options=options)
+        print(plan.summary_text(graph))
+        if args.dry_run:
+            return 0
+
+        dtype = _save_dtype(args)
+        model.to(dtype)  # scored in float32 above; evaluated as it will be saved
+        eval_kw = dict(ppl=True, latency=True, max_tokens=args.eval_tokens, seq_len=args.seq_len,
+                       latency_seq=args.latency_seq, source=args.eval_data)
+        before = None if args.no_eval else evaluate_model(model, tokenizer, **eval_kw)
+        result = prune(model, plan=plan)
+        result.stats.update(score_stats)
+        after = None if args.no_eval else evaluate_model(model, tokenizer, **eval_kw)
+        report = {"model": args.model, "method": args.method or "plan", "target": args.target,
+                  "stats": result.stats, "shapes": plan.shapes(graph), "before": before, "after": after,
+                  "method_info": info,
+                  "environment": {"python": platform.python_version(), "platform": platform.platform()},
+                  "total_seconds": round(time.perf_counter() - started, 1)}
+
+        if export.removes_sublayers(plan):
+            from .figures import plot_removed
+
+            plot_removed(plan, graph, output.staging / "removed.png")  # removed sublayers/blocks, in order
+        kind = export.write_checkpoint(model, tokenizer, output.staging, plan=plan,
+                                       recipe=_recipe(args, options, plan, dtype), report=report,
+                                       name=args.out.name)
+        output.commit()
     print(_table(before, after or {}, result.stats) if before else
           f"  params {result.stats['params_before']:,} -> {result.stats['params_after']:,}")
-    print(f"saved to {args.out} ({json.loads((args.out / 'report.json').read_text())['format']} checkpoint)")
+    print(f"saved to {args.out} ({kind} checkpoint, {str(dtype).removeprefix('torch.')}, with a README.md model card)")
     return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import assets
+from .outputs import write_atomic
 
 BUILTIN = "wikipedia"
 WIKI_CALIBRATION_ARTICLES = 59
@@ -39,6 +40,7 @@ def wikipedia_articles() -> tuple[tuple[str, str], ...]:
             return tuple(tuple(a) for a in json.loads(stripped.read_text(encoding="utf-8")))
         except (json.JSONDecodeError, TypeError):
             stripped.unlink()
+    assets.verify(BUILTIN)  # a damaged cached file is named and removed (sha256), so it is fetched afresh
     root = ET.fromstring(bz2.open(path).read())
     ns = root.tag.split("}")[0] + "}"
     articles = []
@@ -56,7 +58,7 @@ def wikipedia_articles() -> tuple[tuple[str, str], ...]:
     if len(articles) != expected:
         raise DataError(f"the built-in Wikipedia sample has {len(articles)} articles, expected {expected}; "
                         f"the cached file may be damaged: delete {path} and retry")
-    assets.write_atomic(stripped, json.dumps(articles).encode("utf-8"))
+    write_atomic(stripped, json.dumps(articles).encode("utf-8"))
     return tuple(articles)
 
 
@@ -70,19 +72,7 @@ def load_documents(source: str = BUILTIN, split: str = "calibration", text_field
         return texts[:WIKI_CALIBRATION_ARTICLES] if split == "calibration" else texts[-WIKI_HELDOUT_ARTICLES:]
     path = Path(source).expanduser()
     if path.is_file():
-        if path.suffix == ".jsonl":
-            docs = []
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        docs.append(json.loads(line)[text_field])
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise DataError(f"{path}:{lineno}: expected a JSON object with a {text_field!r} "
-                                        f"field ({e})") from e
-            return docs
-        return [path.read_text(encoding="utf-8")]
+        return _file_documents(path, text_field)
     if path.is_dir():
         import datasets
 
@@ -97,6 +87,30 @@ def load_documents(source: str = BUILTIN, split: str = "calibration", text_field
         return _hub_documents(source, split, text_field)
     raise DataError(f"text source {source!r} not found: use {BUILTIN!r}, a .txt/.jsonl file, "
                     f"a folder saved with datasets.save_to_disk, or a datasets hub name")
+
+
+def _file_documents(path: Path, text_field: str) -> list[str]:
+    """A .jsonl file (one JSON object per line, text in ``text_field``) or any other file read
+    whole as UTF-8 text."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                        f"give a .txt or .jsonl text file, or a folder saved with datasets.save_to_disk") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    if path.suffix != ".jsonl":
+        return [text]
+    docs = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            docs.append(json.loads(line)[text_field])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"{path}:{lineno}: expected a JSON object with a {text_field!r} "
+                            f"field ({e})") from e
+    return docs
 
 
 def _dataset_texts(ds, split, text_field, source) -> list[str]:
@@ -118,6 +132,7 @@ def _hub_documents(name: str, split: str, text_field: str) -> list[str]:
     config = None
     if ":" in name:
         name, config = name.split(":", 1)
+    assets.require_hub(f"text source {name!r}", instead=f"{BUILTIN!r}, a local .txt/.jsonl file or a saved dataset folder")
     try:
         ds = datasets.load_dataset(name, config)
     except Exception as e:
@@ -176,11 +191,13 @@ def heldout_windows(tokenizer, seq_len: int = 2048, max_tokens: int | None = Non
     ids = tokenize_documents(tokenizer, load_documents(source, "heldout", text_field))
     if max_tokens is not None:
         if max_tokens > ids.numel():
-            raise DataError(f"--max-tokens {max_tokens} is larger than the held-out text of {source!r} "
-                            f"({ids.numel()} tokens); ask for at most {ids.numel()}")
+            raise DataError(f"{max_tokens} held-out tokens asked for (eval --max-tokens, prune --eval-tokens) "
+                            f"is larger than the held-out text of {source!r} ({ids.numel()} tokens); "
+                            f"ask for at most {ids.numel()}")
         if max_tokens < seq_len:
-            raise DataError(f"--max-tokens {max_tokens} is shorter than one window of {seq_len} tokens; "
-                            f"raise it or lower the window length")
+            raise DataError(f"{max_tokens} held-out tokens asked for (eval --max-tokens, prune --eval-tokens) "
+                            f"is shorter than one window of {seq_len} tokens (--seq-len); raise it or "
+                            f"lower the window length")
         ids = ids[:max_tokens]
     windows = _windows(ids, seq_len, needs_bos(tokenizer))
     if windows.shape[0] == 0:

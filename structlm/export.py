@@ -8,7 +8,9 @@
   :mod:`structlm.layout`) and ``modeling_structlm.py`` (the layout code and a subclass of the
   stock class) via ``auto_map``: they load with ``trust_remote_code=True`` without structlm,
   and with :func:`load` without remote code.
-See docs/formats.md.
+Saving is atomic (:class:`structlm.outputs.OutputFolder`: checked and locked before the work,
+written into a staging folder beside the output, renamed into place) and every checkpoint gets
+a ``README.md`` model card.  See docs/formats.md.
 """
 
 from __future__ import annotations
@@ -16,17 +18,16 @@ from __future__ import annotations
 import copy
 import inspect
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from . import layout as layout_module
 from .families import get_adapter
+from .outputs import OutputError, OutputFolder, describe_os_error
 
 REMOTE_FILE = "modeling_structlm.py"
+MODEL_CARD = "README.md"
 FILES_BESIDE = {"plan": "plan.json", "recipe": "recipe.json", "report": "report.json"}
 
 
@@ -138,57 +139,171 @@ def remote_code(model) -> str:
             f"        apply_layout(self, getattr(config, 'structlm', None))\n")
 
 
-def check_output_path(out: Path, force: bool) -> None:
-    """Refuse a non-empty output path unless ``force`` (checked before any work, and again on save)."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not force:
-            raise FileExistsError(f"output path {out} exists and is not empty; choose another path or pass "
-                                  f"--force (force=True) to replace it")
+def write_checkpoint(model, tokenizer, folder, *, plan=None, recipe: dict | None = None,
+                     report: dict | None = None, name: str | None = None) -> str:
+    """Write the checkpoint (weights in the model's dtype, config, tokenizer, remote code for
+    per-layer shapes, plan/recipe/report JSON and a README.md model card) into the existing
+    folder ``folder``; return its format, "uniform" or "heterogeneous".  ``name`` is the
+    output's folder name, used in the model card (default: ``folder``'s)."""
+    from safetensors import SafetensorError
 
-
-def save(model, tokenizer, out, *, plan=None, recipe: dict | None = None, report: dict | None = None,
-         force: bool = False) -> Path:
-    """Write the checkpoint into a temporary folder beside ``out`` and rename it into place,
-    so that ``out`` is either absent/untouched or complete."""
-    out = Path(out)
-    check_output_path(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(folder)
     config = stock_config(model)
     kind = "uniform" if config is not None else "heterogeneous"
     if config is None:
         config, _ = heterogeneous_config(model)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         original_config = model.config
         model.config = config
         try:
-            model.save_pretrained(staging)
+            model.save_pretrained(folder)
         finally:
             model.config = original_config
         if kind == "heterogeneous":
-            (staging / REMOTE_FILE).write_text(remote_code(model))
+            (folder / REMOTE_FILE).write_text(remote_code(model))
         if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        extras = {"plan": plan.to_dict() if hasattr(plan, "to_dict") else plan, "recipe": recipe,
-                  "report": {**(report or {}), "format": kind}}
+            tokenizer.save_pretrained(folder)
+        report = {**(report or {}), "format": kind}
+        extras = {"plan": plan.to_dict() if hasattr(plan, "to_dict") else plan, "recipe": recipe, "report": report}
         for key, filename in FILES_BESIDE.items():
             if extras[key] is not None:
-                (staging / filename).write_text(json.dumps(extras[key], indent=1, default=str) + "\n")
-        _replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+                (folder / filename).write_text(json.dumps(extras[key], indent=1, default=str) + "\n")
+        card = model_card(kind, name or folder.name, recipe=recipe, report=report, plan=plan,
+                          dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+                          files=sorted(p.name for p in folder.iterdir()) + [MODEL_CARD])
+        (folder / MODEL_CARD).write_text(card)
+    except (OSError, SafetensorError) as e:  # SafetensorError wraps the OSError of a full disk
+        cause = describe_os_error(e) if isinstance(e, OSError) else str(e)
+        raise OutputError(f"could not write the checkpoint ({cause}); nothing was written to the output path") from None
+    return kind
 
 
-def _replace(staging: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
+def save(model, tokenizer, out, *, plan=None, recipe: dict | None = None, report: dict | None = None,
+         force: bool = False) -> Path:
+    """Save ``model`` (in its dtype) and ``tokenizer`` as a checkpoint folder ``out``, atomically:
+    ``out`` is either left as it was or complete.  A non-empty ``out`` is replaced only with
+    ``force``; two processes saving to the same ``out`` never mix (see :class:`OutputFolder`)."""
+    with OutputFolder(out, force) as output:
+        write_checkpoint(model, tokenizer, output.staging, plan=plan, recipe=recipe, report=report,
+                         name=Path(out).name)
+        return output.commit()
+
+
+# --------------------------------------------------------------------------------------------
+# the model card (README.md, Hugging Face conventions: YAML front matter, then markdown)
+# --------------------------------------------------------------------------------------------
+
+FILE_ROLES = {
+    "model.safetensors": "the weights",
+    "config.json": "the model config",
+    REMOTE_FILE: "per-layer shapes for `trust_remote_code=True` (no structlm needed)",
+    "plan.json": "what was removed, in dependency-graph units (docs/formats.md)",
+    "recipe.json": "how to redo it: method, target, options, calibration, command",
+    "report.json": "parameters, before/after measurements, timings, the method's scores",
+    "removed.png": "which blocks / sublayers were removed, in order of removal",
+}
+
+
+def _front_matter(fields: dict) -> str:
+    lines = ["---"]
+    for key, value in fields.items():
+        if value is None or value == []:
+            continue
+        if isinstance(value, list):
+            lines.append(f"{key}:")
+            lines += [f"- {json.dumps(v)}" for v in value]
+        else:
+            lines.append(f"{key}: {json.dumps(value)}")  # a JSON string is a valid YAML scalar
+    return "\n".join(lines + ["---", ""])
+
+
+def removes_sublayers(plan) -> bool:
+    """Whether ``plan`` removes whole blocks or attention/FFN sublayers (layer pruning)."""
+    return bool(plan.removed_blocks) or any(not lp.attention or not lp.ffn for lp in plan.layers.values())
+
+
+def _pruning_tags(plan) -> list[str]:
+    if plan is None or not hasattr(plan, "layers"):
+        return []
+    tags = ["layer-pruning"] if removes_sublayers(plan) else []
+    layers = plan.layers.values()
+    if plan.hidden_channels is not None or any(
+            lp.kv_groups is not None or lp.query_heads is not None or lp.ffn_channels is not None for lp in layers):
+        tags.append("structured-pruning")
+    return tags
+
+
+def _results_table(report: dict) -> list[str]:
+    stats, before, after = report.get("stats") or {}, report.get("before"), report.get("after")
+    rows = []
+    if "params_before" in stats:
+        rows.append(("parameters", f"{stats['params_before'] / 1e6:.2f} M", f"{stats['params_after'] / 1e6:.2f} M"))
+    if before and after and "perplexity" in before:
+        b, a = before["perplexity"], after["perplexity"]
+        rows.append((f"perplexity ({b['source']}, window {b['window']}, {b['tokens_scored']} tokens)",
+                     f"{b['ppl']:.2f}", f"{a['ppl']:.2f}"))
+    if before and after and "latency" in before:
+        b, a = before["latency"], after["latency"]
+        where = f"batch {b['batch']} x {b['seq_len']}, {b['device']}"
+        rows.append((f"prefill ms ({where})", f"{b['prefill_ms']:.1f}", f"{a['prefill_ms']:.1f}"))
+        rows.append((f"decode ms/token ({b['device']}, KV cache)", f"{b['decode_ms_per_token']:.2f}",
+                     f"{a['decode_ms_per_token']:.2f}"))
+    if not rows:
+        return []
+    lines = ["| | dense | pruned |", "|---|---|---|"] + [f"| {r[0]} | {r[1]} | {r[2]} |" for r in rows]
+    if before:
+        lines += ["", "Measured by structlm when the checkpoint was made: the dense and the pruned model "
+                      "are the same loaded weights, in the same dtype, on the same text."]
     else:
-        os.replace(staging, out)
+        lines += ["", "No before/after evaluation was run (`--no-eval`); measure with `structlm eval`."]
+    return lines
+
+
+def model_card(kind: str, name: str, *, recipe: dict | None, report: dict | None, plan=None,
+               dtype: str = "float32", files: list[str] = ()) -> str:
+    """README.md for a checkpoint folder: front matter (base_model, tags, pipeline_tag,
+    library_name, license where known), what was done, the numbers, how to load and redo it."""
+    recipe, report = recipe or {}, report or {}
+    base = recipe.get("base_model")
+    method = recipe.get("method") or ("hand-written plan" if recipe.get("plan_file") else None)
+    tags = ["structlm", "pruned"] + _pruning_tags(plan) + ([recipe["method"]] if recipe.get("method") else [])
+    lines = [_front_matter({"base_model": base, "license": recipe.get("license"), "library_name": "transformers",
+                            "pipeline_tag": "text-generation", "tags": tags})]
+    source = base or recipe.get("model") or "a model"
+    lines.append(f"# {name}\n")
+    what = f"{source} pruned with structlm"
+    if method:
+        what += f" by {method}" + (f" at target `{recipe['target']}`" if recipe.get("target") else "")
+    stats = report.get("stats") or {}
+    if "params_kept" in stats:
+        what += f": {stats['params_kept']:.1%} of the parameters kept"
+    lines.append(what + f". Weights in {dtype}; " + (
+        "every layer has the same shape, so it is a stock checkpoint." if kind == "uniform" else
+        "layers have different shapes (per-layer widths or removed sublayers)."))
+    if recipe.get("source"):
+        lines.append(f"\nSource weights: {recipe['source']}.")
+    table = _results_table(report)
+    if table:
+        lines += ["\n## Results\n"] + table
+    lines += ["\n## How to load\n", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
+    if kind == "uniform":
+        lines.append(f'model = AutoModelForCausalLM.from_pretrained("{name}")  # this folder or its hub repo id')
+    else:
+        lines += [f'model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)',
+                  f"# or, without remote code: import structlm; model = structlm.load(\"{name}\")"]
+    lines += [f'tokenizer = AutoTokenizer.from_pretrained("{name}")', "```"]
+    if kind == "heterogeneous":
+        lines.append(f"\n`trust_remote_code=True` runs `{REMOTE_FILE}` from this folder: the stock "
+                     f"transformers class with each layer resized to its saved shape; it needs no structlm.")
+    if recipe:
+        lines += ["\n## How it was made\n"]
+        if recipe.get("command"):
+            lines += ["```bash", recipe["command"], "```", ""]
+        lines += ["The recipe (`recipe.json`):", "", "```json", json.dumps(recipe, indent=1, default=str), "```"]
+    described = [f"- `{f}`: {FILE_ROLES[f]}" for f in files if f in FILE_ROLES]
+    if described:
+        lines += ["\n## Files\n"] + described
+    return "\n".join(lines) + "\n"
 
 
 def load(path, dtype=torch.float32):

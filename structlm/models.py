@@ -18,12 +18,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from . import assets
+from .outputs import staging_folder
 
 MODEL_ALIASES = {"smollm2-135m": "smollm2-135m", "gemma3-270m": "gemma3-270m"}
 DEFAULT_MODEL = "smollm2-135m"
@@ -113,8 +113,8 @@ def _ensure_alias_folder(alias: str) -> Path:
     print(f"structlm: converting {gguf_path.name} to a safetensors folder (once; ~20 s)", flush=True)
     model, tokenizer = _load_gguf(gguf_path.parent, gguf_path.name, torch.float32)
     check_finite(model, f"{gguf_path} (the GGUF of {alias})")
-    with tempfile.TemporaryDirectory(prefix=f".{alias}-", dir=folder.parent) as tmp:
-        staged = Path(tmp) / "model"
+    with staging_folder(folder.parent, f".{alias}-") as tmp:  # PID-named; a killed run's is swept
+        staged = tmp / "model"
         model.save_pretrained(staged)
         tokenizer.save_pretrained(staged)
         _write_mark(staged, {"asset": alias, "gguf": gguf_path.name, "sha256": assets.ASSETS[alias].sha256,

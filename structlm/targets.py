@@ -4,6 +4,7 @@ sublayers.  Parsed from ``--target`` strings or given as dicts (``{"params": 0.8
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 KINDS = {
@@ -48,9 +49,23 @@ def parse_target(spec) -> Target:
         value = float(value)
     except (TypeError, ValueError):
         raise TargetError(f"target {kind}={value!r}: the value must be a number") from None
+    if not math.isfinite(value):
+        raise TargetError(f"target {kind}={value:g}: the value must be a finite number")
     if kind == "params" and not 0 < value < 1:
         raise TargetError(f"impossible target params={value:g}: keep a fraction strictly between 0 and 1 "
                           f"(params=0.8 keeps 80% of the parameters)")
     if kind in ("blocks", "sublayers") and (value < 1 or value != int(value)):
         raise TargetError(f"target {kind}={value:g} must be a positive whole number")
     return Target(kind, value)
+
+
+def check_fits(target: Target, n_layers: int) -> None:
+    """Refuse, before any scoring, a block or sublayer count the model does not have (at least
+    one block must stay)."""
+    if target.kind == "blocks" and target.value >= n_layers:
+        raise TargetError(f"target {target} asks for {target.value:g} blocks removed, but the model has "
+                          f"{n_layers} blocks and at least one must stay; use blocks=1..{n_layers - 1}")
+    if target.kind == "sublayers" and target.value >= 2 * n_layers:
+        raise TargetError(f"target {target} asks for {target.value:g} sublayers removed, but the model has "
+                          f"{2 * n_layers} (attention and FFN in {n_layers} blocks) and at least one must stay; "
+                          f"use sublayers=1..{2 * n_layers - 1}")

@@ -148,6 +148,7 @@ def load_docs(task: str, limit: int | None = None, root: str | Path | None = Non
         from . import assets
 
         root = assets.fetch("zero-shot")
+        assets.verify("zero-shot", under=spec.subdir)  # a damaged .arrow is named, removed and re-fetched next run
     data = load_from_disk(str(Path(root) / spec.subdir))
     n = len(data) if limit is None else min(int(limit), len(data))
     return [data[i] for i in range(n)]

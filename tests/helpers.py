@@ -1,4 +1,5 @@
-"""Offline stand-ins for tests: a small BPE tokenizer trained in memory and a tiny Llama."""
+"""Offline stand-ins for tests: a small BPE tokenizer trained in memory, a tiny Llama, a tiny
+GGUF file, and the PID of a process that has ended."""
 
 from __future__ import annotations
 
@@ -34,3 +35,29 @@ def tiny_llama(vocab_size: int | None = None, seed: int = 0, layers: int = 2):
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256, tie_word_embeddings=True)
     return LlamaForCausalLM(config).eval()
+
+
+def tiny_gguf(path):
+    """A small but complete GGUF file (two float32 tensors) at ``path``."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.ones((16, 8), dtype=np.float32))
+    writer.add_tensor("output_norm.weight", np.ones((8,), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def dead_pid() -> int:
+    """The PID of a process that has already exited (what a kill -9 leaves in staging names)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid

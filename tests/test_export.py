@@ -173,3 +173,97 @@ def test_killing_a_save_leaves_the_output_absent_or_untouched(tmp_path, existing
         assert [p.name for p in out.iterdir()] == ["old.txt"]
     else:
         assert not out.exists()
+
+
+# ---- concurrent writers, leftovers, modes, the model card --------------------------------------------
+
+def test_a_second_writer_of_the_same_output_is_refused_at_once(tmp_path):
+    from structlm.outputs import OutputError, OutputFolder
+
+    out = tmp_path / "out"
+    with OutputFolder(out) as first:
+        with pytest.raises(OutputError, match=f"pid {os.getpid()}"):
+            with OutputFolder(out, force=True):
+                pass
+        assert first.staging.is_dir()  # the refused writer took nothing away from the first
+        (first.staging / "x.txt").write_text("first")
+        first.commit()
+    assert (out / "x.txt").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_path_that_appears_while_working_is_replaced_only_with_force(tmp_path):
+    from structlm.outputs import OutputFolder
+
+    out = tmp_path / "out"
+    with OutputFolder(out) as output:
+        (output.staging / "mine.txt").write_text("ours")
+        out.mkdir()
+        (out / "theirs.txt").write_text("another program's")  # after our initial check
+        with pytest.raises(FileExistsError, match="appeared while structlm was working"):
+            output.commit()
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # our staging and lock are gone
+    with OutputFolder(out, force=True) as output:
+        (output.staging / "mine.txt").write_text("ours")
+        (out / "late.txt").write_text("also theirs")
+        output.commit()
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def test_staging_folders_of_dead_processes_are_swept_at_the_next_save(tmp_path):
+    from helpers import dead_pid
+
+    dead, alive = dead_pid(), os.getppid()
+    left = [tmp_path / f".out.partial-{dead}-0a1b2c3d", tmp_path / f".out.old-{dead}-0a1b2c3d",
+            tmp_path / f".other.partial-{dead}-0a1b2c3d"]  # an abandoned output of another name too
+    live = tmp_path / f".out.partial-{alive}-0a1b2c3d"  # another process still writing: not ours to touch
+    for folder in left + [live]:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".other.lock").write_text(f"{dead}\n")  # a killed writer's lock: the kernel dropped it
+    export.save(tiny_model("llama"), None, tmp_path / "out")
+    assert not any(p.exists() for p in left) and live.is_dir()
+    assert not (tmp_path / ".other.lock").exists()
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("umask, folder_mode, file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_saved_modes_follow_the_umask(tmp_path, umask, folder_mode, file_mode):
+    import stat
+
+    old = os.umask(umask)
+    try:
+        export.save(tiny_model("llama"), None, tmp_path / "out")
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    assert stat.S_IMODE(out.stat().st_mode) == folder_mode
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {file_mode}
+
+
+def test_a_full_disk_while_writing_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from structlm.outputs import OutputError
+
+    model = tiny_model("llama")
+
+    def full(path, **kw):
+        (Path(path) / "model.safetensors").write_bytes(b"par")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(model, "save_pretrained", full)
+    with pytest.raises(OutputError, match="the disk is full"):
+        export.save(model, None, tmp_path / "new" / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_model_card_of_a_heterogeneous_checkpoint(tmp_path):
+    import random
+
+    save_pruned("llama", lambda g: random_plan(g, random.Random(3)), tmp_path / "het")
+    card = (tmp_path / "het" / "README.md").read_text()
+    assert card.startswith("---\n") and 'pipeline_tag: "text-generation"' in card
+    assert 'from_pretrained("het", trust_remote_code=True)' in card and "structlm.load" in card
+    assert export.REMOTE_FILE in card

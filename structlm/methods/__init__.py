@@ -55,8 +55,15 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def canonical_name(name: str) -> str:
+    """The registered spelling of a method name: case and hyphens as papers write them are
+    accepted ("LLM-Pruner", "Wanda-SP", "llm-pruner" -> "llm_pruner", "wanda_sp")."""
+    return "_".join(str(name).strip().lower().replace("-", " ").replace("_", " ").split())
+
+
 def get(name: str) -> Callable:
     _load_builtin()
-    if name not in _REGISTRY:
+    key = canonical_name(name)
+    if key not in _REGISTRY:
         raise ValueError(f"unknown pruning method {name!r}; available: {', '.join(available()) or 'none'}")
-    return _REGISTRY[name]
+    return _REGISTRY[key]
