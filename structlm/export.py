@@ -164,7 +164,9 @@ def write_checkpoint(model, tokenizer, folder, *, plan=None, recipe: dict | None
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         report = {**(report or {}), "format": kind}
-        extras = {"plan": plan.to_dict() if hasattr(plan, "to_dict") else plan, "recipe": recipe, "report": report}
+        if hasattr(plan, "save"):
+            plan.save(folder)          # plan.json, and updates.safetensors beside it
+        extras = {"plan": None if hasattr(plan, "save") else plan, "recipe": recipe, "report": report}
         for key, filename in FILES_BESIDE.items():
             if extras[key] is not None:
                 (folder / filename).write_text(json.dumps(extras[key], indent=1, default=str) + "\n")
@@ -198,6 +200,7 @@ FILE_ROLES = {
     "config.json": "the model config",
     REMOTE_FILE: "per-layer shapes for `trust_remote_code=True` (no structlm needed)",
     "plan.json": "what was removed, in dependency-graph units (docs/formats.md)",
+    "updates.safetensors": "new values of kept weights (reconstruction), in the shrunk shapes; read with plan.json",
     "recipe.json": "how to redo it: method, target, options, calibration, command",
     "report.json": "parameters, before/after measurements, timings, the method's scores",
     "removed.png": "which blocks / sublayers were removed, in order of removal",

@@ -17,23 +17,30 @@ must keep the same number of its heads), ``ffn_channels`` kept FFN channels, ``a
 ``ffn`` false to remove the whole sublayer.  ``removed_blocks`` lists whole blocks removed;
 ``hidden_channels`` the kept residual channels (null = all).
 
-Optional ``biases`` (FLAP's bias compensation): ``{param name: values}``, the new bias of an
-output projection (attention o_proj / FFN down_proj, or the family's equivalent) after pruning, in
-the shrunk coordinates (one value per kept hidden channel).  ``mask`` writes them into the
-unshrunk model (zero at removed hidden channels), ``shrink`` creates the bias parameters where the
-model has none (Llama: ``attention_bias``/``mlp_bias`` turned on, the other projections' new biases
-zero, so a stock config reproduces the model).
+Optional ``updates`` (weight reconstruction: ZipLM's re-fitted projections, FLAP's bias
+compensation): ``{param name: tensor}``, new values of surviving parameters in the *shrunk*
+coordinates (the shape the parameter has after ``shrink``).  They are saved beside ``plan.json``
+as ``updates.safetensors`` (``plan.json`` names the file and lists each parameter's shape), never
+as JSON numbers.  ``shrink`` writes them after slicing; ``mask`` writes them expanded into the
+unshrunk model (zeros at removed positions), so both still give the same logits.  A new output
+bias that the model lacks is created where the family's config can express it (Llama:
+``attention_bias``/``mlp_bias`` turned on, the other projections' new biases zero).  Plans of
+format 1 with a ``biases`` key (values as JSON lists) still load, as updates.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from .graph import Graph
 
 FORMAT = "structlm-plan/1"
+UPDATES_FILE = "updates.safetensors"
 
 
 class PlanError(ValueError):
@@ -72,7 +79,7 @@ class PrunePlan:
     family: str | None = None
     align: int = 8
     meta: dict = field(default_factory=dict)
-    biases: dict[str, list[float]] = field(default_factory=dict)
+    updates: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def layer(self, i: int) -> LayerPlan:
         return self.layers.get(i) or LayerPlan()
@@ -84,9 +91,21 @@ class PrunePlan:
              "removed_blocks": sorted(int(b) for b in self.removed_blocks),
              "hidden_channels": None if self.hidden_channels is None else sorted(int(c) for c in self.hidden_channels),
              "align": self.align, "meta": self.meta}
-        if self.biases:
-            d["biases"] = {name: [float(v) for v in values] for name, values in sorted(self.biases.items())}
+        if self.updates:
+            d["updates"] = {"file": UPDATES_FILE,
+                            "params": {name: list(t.shape) for name, t in sorted(self.updates.items())}}
         return d
+
+    def save(self, folder) -> Path:
+        """Write ``plan.json`` (and ``updates.safetensors`` when there are updates) into ``folder``."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        if self.updates:
+            save_file({n: t.detach().contiguous().cpu() for n, t in self.updates.items()}, str(folder / UPDATES_FILE))
+        path = folder / "plan.json"
+        path.write_text(self.to_json())
+        return path
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1) + "\n"
@@ -96,7 +115,7 @@ class PrunePlan:
         if d.get("format", FORMAT) != FORMAT:
             raise PlanError(f"not a {FORMAT} plan (format={d.get('format')!r})")
         unknown = set(d) - {"format", "family", "layers", "removed_blocks", "hidden_channels", "align", "meta",
-                            "biases"}
+                            "biases", "updates"}
         if unknown:
             raise PlanError(f"unknown plan keys {sorted(unknown)}")
         layers = {}
@@ -112,16 +131,26 @@ class PrunePlan:
         return cls(layers=layers, removed_blocks=list(d.get("removed_blocks") or []),
                    hidden_channels=d.get("hidden_channels"), family=d.get("family"),
                    align=int(d.get("align", 8)), meta=dict(d.get("meta") or {}),
-                   biases={str(k): list(v) for k, v in (d.get("biases") or {}).items()})
+                   updates=_legacy_biases(d.get("biases")))
 
     @classmethod
     def load(cls, path) -> "PrunePlan":
+        """Read ``plan.json`` and, if it names one, the updates file beside it."""
+        path = Path(path)
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
+            d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise PlanError(f"{path} is not valid JSON: {e}") from e
+        except UnicodeDecodeError as e:
+            raise PlanError(f"{path} is not a text (JSON) file: {e}") from e
         except FileNotFoundError as e:
             raise PlanError(f"plan file {path} not found") from e
+        except IsADirectoryError as e:
+            raise PlanError(f"{path} is a folder; give the plan.json file in it") from e
+        plan = cls.from_dict(d)
+        if isinstance(d, dict) and d.get("updates"):
+            plan.updates = _read_updates(path, d["updates"])
+        return plan
 
     # ---- derived numbers ----
     def kept_heads(self, graph: Graph, i: int) -> list[int]:
@@ -192,28 +221,68 @@ class PrunePlan:
                 raise PlanError("hidden_channels is empty; keep at least one residual channel")
         if self.align < 1:
             raise PlanError(f"align must be >= 1 (got {self.align})")
-        if self.biases:
-            self._validate_biases(graph)
+        if self.updates:
+            self._validate_updates(graph)
         return self
 
-    def _validate_biases(self, graph: Graph) -> None:
-        """Each new bias belongs to an output projection (a writer of the residual stream) of a
-        kept sublayer and has one value per kept hidden channel."""
+    def shrunk_shapes(self, graph: Graph) -> dict[str, tuple[int, ...]]:
+        """The shape every surviving parameter of the graph has after the plan (removed ones left out)."""
+        from .surgery import removed_units
+
+        dense: dict[str, tuple] = {}
+        for g in graph.groups:
+            for m in g.members:
+                dense.setdefault(m.param, tuple(m.shape))
+        gone = set()
+        for i in range(graph.n_layers):
+            lp = self.layer(i)
+            for kind in ("attention", "ffn"):
+                if i in self.removed_blocks or not getattr(lp, kind):
+                    gone |= {m.param for m in graph.group(kind, i).members}
+        removed: dict[tuple[str, int], set] = {}
+        for unit in removed_units(self, graph):
+            if unit.kind in ("attention", "ffn", "block"):
+                continue
+            for name, dim, a, b in unit.slices:
+                removed.setdefault((name, dim), set()).update(range(a, b))
+        out = {}
+        for name, shape in dense.items():
+            if name in gone:
+                continue
+            out[name] = tuple(n - len(removed.get((name, d), ())) for d, n in enumerate(shape))
+        return out
+
+    def _validate_updates(self, graph: Graph) -> None:
+        """Each update is for a surviving parameter and has its shrunk shape; a new bias (one the
+        model lacks) must belong to an output projection (a residual-stream writer) of a kept sublayer."""
+        shapes = self.shrunk_shapes(graph)
         writer_dim = 1 if graph.family == "gpt2" else 0  # GPT-2 Conv1D weights are [in, out]
-        writers = {m.param: m for m in graph.group("hidden_channel", None).members
+        writers = {m.param for m in graph.group("hidden_channel", None).members
                    if len(m.shape) == 2 and m.dim == writer_dim}
-        n_hidden = len(self.kept_hidden(graph))
         owner = {m.param: (g.layer, g.kind) for g in graph.groups if g.kind in ("attention", "ffn") for m in g.members}
-        for name, values in self.biases.items():
+        n_hidden = len(self.kept_hidden(graph))
+        for name, value in self.updates.items():
+            if not isinstance(value, torch.Tensor):
+                raise PlanError(f"updates: {name!r} is not a tensor")
+            if not bool(torch.isfinite(value).all()):
+                raise PlanError(f"updates: {name!r} has NaN or Inf values")
+            if name in owner and name not in shapes:
+                i, kind = owner[name]
+                raise PlanError(f"updates: {name!r} belongs to a removed {kind} sublayer of layer {i}")
+            if name in shapes:
+                if tuple(value.shape) != shapes[name]:
+                    raise PlanError(f"updates: {name!r} has shape {tuple(value.shape)}; after the plan it has "
+                                    f"shape {shapes[name]} (updates are in the shrunk coordinates)")
+                continue
             weight = name[:-len(".bias")] + ".weight" if name.endswith(".bias") else None
-            where = owner.get(weight)
-            if weight not in writers or where is None:
-                raise PlanError(f"biases: {name!r} is not the bias of a layer's output projection")
-            i, kind = where
-            if i in self.removed_blocks or not getattr(self.layer(i), kind):
-                raise PlanError(f"biases: {name!r} belongs to a removed {kind} sublayer of layer {i}")
-            if len(values) != n_hidden:
-                raise PlanError(f"biases: {name!r} has {len(values)} values for {n_hidden} kept hidden channels")
+            if weight not in writers or owner.get(weight) is None:
+                raise PlanError(f"updates: {name!r} is not a parameter of this model (nor a new bias of a layer's "
+                                f"output projection)")
+            i, kind = owner[weight]
+            if weight not in shapes:
+                raise PlanError(f"updates: {name!r} belongs to a removed {kind} sublayer of layer {i}")
+            if tuple(value.shape) != (n_hidden,):
+                raise PlanError(f"updates: {name!r} has shape {tuple(value.shape)} for {n_hidden} kept hidden channels")
 
     # ---- shapes and costs ----
     def shapes(self, graph: Graph) -> list[dict]:
@@ -292,6 +361,46 @@ class PrunePlan:
             span = f"{first}" if first == last else f"{first}-{last}"
             lines.append(f"{span:>7}  {text}")
         return "\n".join(lines)
+
+
+def _legacy_biases(biases) -> dict[str, torch.Tensor]:
+    """Format-1 plans wrote FLAP's new biases as JSON lists: read them as updates."""
+    if biases is None:
+        return {}
+    if not isinstance(biases, dict):
+        raise PlanError("biases must be an object {param name: [values]}")
+    out = {}
+    for name, values in biases.items():
+        if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   for v in values):
+            raise PlanError(f"biases: {name!r} must be a list of numbers")
+        if not all(math.isfinite(v) for v in values):
+            raise PlanError(f"biases: {name!r} has NaN or Inf values")
+        out[str(name)] = torch.tensor(values, dtype=torch.float32)
+    return out
+
+
+def _read_updates(plan_path: Path, spec) -> dict[str, torch.Tensor]:
+    """The updates file a plan names, checked against the shapes ``plan.json`` lists."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not isinstance(spec, dict) or not isinstance(spec.get("file"), str) or not isinstance(spec.get("params"), dict):
+        raise PlanError(f"{plan_path}: updates must be {{\"file\": \"{UPDATES_FILE}\", \"params\": {{name: shape}}}}")
+    file = plan_path.parent / spec["file"]
+    try:
+        tensors = load_file(str(file))
+    except FileNotFoundError:
+        raise PlanError(f"{plan_path} names the weight updates file {file}, which is missing; copy it beside "
+                        f"plan.json") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PlanError(f"the weight updates file {file} is damaged ({e})") from None
+    if set(tensors) != set(spec["params"]):
+        raise PlanError(f"{file} holds {sorted(tensors)[:3]}..., but {plan_path} lists {sorted(spec['params'])[:3]}...")
+    for name, shape in spec["params"].items():
+        if list(tensors[name].shape) != list(shape):
+            raise PlanError(f"{file}: {name!r} has shape {list(tensors[name].shape)}, {plan_path} says {shape}")
+    return tensors
 
 
 def _sublayer_norms(graph: Graph, kind: str, i: int) -> int:

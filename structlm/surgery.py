@@ -58,15 +58,29 @@ def mask(model, plan: PrunePlan, graph=None):
 
     graph = graph or build_graph(model)
     plan.validate(graph)
-    mask_units(model, removed_units(plan, graph))
-    if plan.biases:  # new output biases, expanded to the full residual width (zero where removed)
-        kept = torch.tensor(plan.kept_hidden(graph))
-        for name, values in plan.biases.items():
-            module = model.get_submodule(name.rpartition(".")[0])
-            weight = module.weight
-            full = torch.zeros(graph.hidden, dtype=weight.dtype, device=weight.device)
-            full[kept] = torch.tensor(values, dtype=weight.dtype, device=weight.device)
-            _set_bias(module, full)
+    units = removed_units(plan, graph)
+    mask_units(model, units)
+    if plan.updates:  # new values, expanded to the unshrunk shape (zero where removed)
+        removed: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)
+        for unit in units:
+            if unit.kind in ("attention", "ffn", "block"):   # whole groups: no updates survive there
+                continue
+            for name, dim, a, b in unit.slices:
+                removed[(name, dim)].append((a, b))
+        params = dict(model.named_parameters())
+        kept_hidden = torch.tensor(plan.kept_hidden(graph))
+        for name, value in plan.updates.items():
+            if name not in params:   # a new output bias: one value per kept hidden channel
+                module = model.get_submodule(name.rpartition(".")[0])
+                full = torch.zeros(graph.hidden, dtype=module.weight.dtype, device=module.weight.device)
+                full[kept_hidden] = value.to(full)
+                _set_bias(module, full)
+                continue
+            p = params[name]
+            full = torch.zeros_like(p)
+            index = [_keep_index(n, removed.get((name, d), [])) for d, n in enumerate(p.shape)]
+            full[torch.meshgrid(*index, indexing="ij")] = value.to(p)
+            p.data.copy_(full)
     return model
 
 
@@ -81,12 +95,12 @@ def _set_bias(module, value: torch.Tensor) -> None:
 BIAS_FLAGS = {"llama": {"attention": "attention_bias", "ffn": "mlp_bias"}}
 
 
-def _apply_biases(model, plan: PrunePlan, graph, adapter) -> None:
-    """Write the plan's new output biases (shrunk coordinates); create them where the model has
-    none.  Llama turns on ``attention_bias``/``mlp_bias`` and gives every other projection of the
-    kept sublayers a zero bias, so that the stock config rebuilds the model."""
+def _apply_updates(model, plan: PrunePlan, graph, adapter) -> None:
+    """Write the plan's updates (shrunk coordinates) into the shrunk model; create new output
+    biases where the model has none.  Llama turns on ``attention_bias``/``mlp_bias`` and gives every
+    other projection of the kept sublayers a zero bias, so that the stock config rebuilds the model."""
     params = dict(model.named_parameters())
-    missing = [n for n in plan.biases if n not in params]
+    missing = [n for n in plan.updates if n not in params]
     if missing:
         flags = BIAS_FLAGS.get(graph.family)
         if flags is None:
@@ -111,9 +125,13 @@ def _apply_biases(model, plan: PrunePlan, graph, adapter) -> None:
                     _set_bias(module, torch.zeros(out, dtype=module.weight.dtype, device=module.weight.device))
         for kind in kinds:
             setattr(model.config, flags[kind], True)
-    for name, values in plan.biases.items():
-        module = model.get_submodule(name.rpartition(".")[0])
-        _set_bias(module, torch.tensor(values, dtype=module.weight.dtype, device=module.weight.device))
+    params = dict(model.named_parameters())
+    for name, value in plan.updates.items():
+        p = params[name]
+        if tuple(p.shape) != tuple(value.shape):   # validate() checked the plan's shapes; this is the model's
+            raise PlanError(f"updates: {name!r} has shape {tuple(value.shape)}, the shrunk model's is "
+                            f"{tuple(p.shape)}")
+        p.data.copy_(value.to(p))
 
 
 def hidden_pruning_refusal(adapter) -> str | None:
@@ -208,6 +226,11 @@ def shrink(model, plan: PrunePlan, graph=None, *, verbose: bool = False):
     for module in model.modules():
         sync_module_sizes(module)
 
+    # 2b. weight updates (reconstruction; FLAP's new output biases), in the shrunk coordinates,
+    # before the hidden-channel rescaling below, which applies to updated norm weights as to any
+    if plan.updates:
+        _apply_updates(model, plan, graph, adapter)
+
     # 3. hidden channels: RMSNorm over fewer channels, made exact by rescaling weight and eps
     config = model.config
     if plan.hidden_channels is not None:
@@ -224,9 +247,6 @@ def shrink(model, plan: PrunePlan, graph=None, *, verbose: bool = False):
         if graph.is_tied:
             model.tie_weights()
 
-    # 3b. new output biases (FLAP's bias compensation)
-    if plan.biases:
-        _apply_biases(model, plan, graph, adapter)
 
     # 4. placeholders for removed sublayers, then delete removed blocks
     layers = _layer_container(model, adapter)

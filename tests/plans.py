@@ -61,3 +61,16 @@ def kind_plan(graph, kind: str, layer: int = 0) -> PrunePlan:
     if kind == "hidden_channel":
         return PrunePlan(hidden_channels=[c for c in range(graph.hidden) if c % 4 != 1])
     raise ValueError(kind)
+
+
+def random_updates(plan: PrunePlan, graph, rng: random.Random, share: float = 0.3) -> PrunePlan:
+    """Give ``plan`` new values (in the shrunk shapes) for a random share of the surviving
+    parameters: projections, biases and norms alike, as a reconstruction method would."""
+    import torch
+
+    shapes = plan.shrunk_shapes(graph)
+    gen = torch.Generator().manual_seed(rng.randrange(1 << 30))
+    names = sorted(shapes)
+    for name in rng.sample(names, max(1, int(share * len(names)))):
+        plan.updates[name] = torch.randn(shapes[name], generator=gen) * 0.05
+    return plan

@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from plans import HIDDEN_FAMILIES, kind_plan, random_plan
+from plans import HIDDEN_FAMILIES, kind_plan, random_plan, random_updates
 from structlm import surgery
 from structlm.graph import build_graph
 from structlm.models import count_parameters
@@ -52,10 +52,29 @@ def test_every_unit_kind_in_every_family(family, kind):
 def test_random_plans_on_random_tiny_models(family, seed, layers):
     model = tiny_model(family, seed=seed % 7, num_hidden_layers=layers)
     graph = build_graph(model)
-    plan = random_plan(graph, random.Random(seed), hidden=family in HIDDEN_FAMILIES and seed % 3 == 0)
+    rng = random.Random(seed)
+    plan = random_plan(graph, rng, hidden=family in HIDDEN_FAMILIES and seed % 3 == 0)
     if len(plan.removed_blocks) == graph.n_layers:
         return
+    if seed % 2:   # weight updates (reconstruction) in the shrunk coordinates keep mask == shrink
+        random_updates(plan, graph, rng)
     assert_shrink_equals_mask(model, plan, graph)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "hidden_channel"] + ["hidden_channel"])
+def test_every_unit_kind_with_weight_updates(family, kind):
+    model = tiny_model(family, num_hidden_layers=3) if kind == "block" else tiny_model(family)
+    graph = build_graph(model)
+    if kind == "hidden_channel" and family not in HIDDEN_FAMILIES:
+        return
+    plan = random_updates(kind_plan(graph, kind, layer=1), graph, random.Random(7), share=0.5)
+    assert plan.updates
+    shrunk = assert_shrink_equals_mask(model, plan, graph)
+    params = dict(shrunk.named_parameters())
+    for name, value in plan.updates.items():   # the shrunk model holds exactly the updates
+        if name in params and kind != "hidden_channel":   # (hidden pruning rescales the residual norms after)
+            torch.testing.assert_close(params[name].detach(), value, atol=0, rtol=0)
 
 
 def test_generation_with_layer0_attention_removed_matches_masked():

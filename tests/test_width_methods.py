@@ -204,7 +204,7 @@ def test_flap_bias_keeps_the_mean_output_of_pruned_projections():
     graph = build_graph(model)
     calib = calib_for(model, n=6, length=16)
     plan, info = methods.get("flap")(model, graph, "params=0.7", calib, allocation="uniform")
-    assert info["bias_compensation"] is True and plan.biases
+    assert info["bias_compensation"] is True and plan.updates
     names = ["model.layers.%d.self_attn.o_proj" % i for i in range(3)] + ["model.layers.%d.mlp.down_proj" % i for i in range(3)]
     inputs = {n: [] for n in names}
     hooks = [model.get_submodule(n).register_forward_pre_hook(
@@ -215,7 +215,7 @@ def test_flap_bias_keeps_the_mean_output_of_pruned_projections():
         h.remove()
     checked = 0
     for n in names:
-        bias = plan.biases.get(n + ".bias")
+        bias = plan.updates.get(n + ".bias")
         if bias is None:
             continue
         x = torch.cat(inputs[n]).double()
@@ -226,7 +226,7 @@ def test_flap_bias_keeps_the_mean_output_of_pruned_projections():
         else:
             kept = plan.kept_ffn(graph, i)
         dense = (x @ w.T).mean(0)
-        pruned = (x[:, kept] @ w[:, kept].T + torch.tensor(bias, dtype=torch.float64)).mean(0)
+        pruned = (x[:, kept] @ w[:, kept].T + bias.double()).mean(0)
         torch.testing.assert_close(pruned, dense, atol=1e-5, rtol=0)
         checked += 1
     assert checked >= 3
@@ -240,7 +240,7 @@ def test_flap_pruned_tiny_llama_saves_and_reloads_with_equal_logits(tmp_path):
         graph = build_graph(model)
         calib = calib_for(model, n=4, length=16)
         plan, _ = methods.get("flap")(model, graph, "params=0.75", calib, allocation=allocation, align=1)
-        assert plan.biases
+        assert plan.updates
         ids = tiny_inputs(model.config)
         masked = surgery.mask(copy.deepcopy(model), plan, graph)
         surgery.shrink(model, plan, graph)
@@ -249,7 +249,9 @@ def test_flap_pruned_tiny_llama_saves_and_reloads_with_equal_logits(tmp_path):
             torch.testing.assert_close(masked(ids).logits, ref, atol=1e-5, rtol=0)
         assert model.config.attention_bias and model.config.mlp_bias
         out = export.save(model, None, tmp_path / allocation, plan=plan)
-        assert PrunePlan.load(out / "plan.json").biases == plan.to_dict()["biases"]
+        again = PrunePlan.load(out / "plan.json")
+        assert (out / "updates.safetensors").is_file() and set(again.updates) == set(plan.updates)
+        assert all(torch.equal(again.updates[n], plan.updates[n]) for n in plan.updates)
         reloaded = [export.load(out)]
         if allocation == "uniform":
             reloaded.append(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval())
@@ -258,25 +260,43 @@ def test_flap_pruned_tiny_llama_saves_and_reloads_with_equal_logits(tmp_path):
                 torch.testing.assert_close(loaded(ids).logits, ref, atol=1e-5, rtol=0)
 
 
-def test_plan_biases_json_and_validation():
+def test_plan_updates_files_legacy_biases_and_validation(tmp_path):
+    import json
+
+    from structlm.plan import LayerPlan
     model = tiny_model("llama")
     graph = build_graph(model)
     name = "model.layers.0.mlp.down_proj.bias"
-    plan = PrunePlan(biases={name: [0.5] * graph.hidden}, family="llama")
-    again = PrunePlan.from_dict(__import__("json").loads(plan.to_json()))
-    assert again.biases == plan.biases and again.validate(graph)
-    assert "biases" not in PrunePlan().to_dict()  # plans without biases keep their old JSON
-    for bad, msg in (({"model.layers.0.mlp.up_proj.bias": [0.0] * graph.hidden}, "output projection"),
-                     ({name: [0.0] * 3}, "values for"),):
+    plan = PrunePlan(updates={name: torch.full((graph.hidden,), 0.5)}, family="llama")
+    plan.save(tmp_path)
+    assert json.loads((tmp_path / "plan.json").read_text())["updates"]["file"] == "updates.safetensors"
+    again = PrunePlan.load(tmp_path / "plan.json")
+    assert torch.equal(again.updates[name], plan.updates[name]) and again.validate(graph)
+    assert "updates" not in PrunePlan().to_dict()  # plans without updates keep their old JSON
+    legacy = PrunePlan.from_dict({"format": "structlm-plan/1", "biases": {name: [0.5] * graph.hidden}})
+    assert torch.equal(legacy.updates[name], plan.updates[name])       # format-1 FLAP plans still load
+    (tmp_path / "updates.safetensors").unlink()
+    with pytest.raises(PlanError, match="missing"):
+        PrunePlan.load(tmp_path / "plan.json")
+    (tmp_path / "updates.safetensors").write_bytes(b"garbage")
+    with pytest.raises(PlanError, match="damaged"):
+        PrunePlan.load(tmp_path / "plan.json")
+    down_w = "model.layers.0.mlp.down_proj.weight"
+    ffn_plan = {0: LayerPlan(ffn_channels=list(range(0, graph.intermediate, 2)))}
+    for bad, layers, msg in (
+            ({"model.layers.0.mlp.up_proj.bias": torch.zeros(graph.hidden)}, {}, "not a parameter"),
+            ({name: torch.zeros(3)}, {}, "kept hidden channels"),
+            ({name: torch.zeros(graph.hidden)}, {0: LayerPlan(ffn=False)}, "removed ffn"),
+            ({down_w: torch.zeros(graph.hidden, graph.intermediate)}, ffn_plan, "shrunk coordinates"),
+            ({down_w: torch.full((graph.hidden, graph.intermediate // 2), float("nan"))}, ffn_plan, "NaN"),
+            ({"model.layers.0.mlp.down_proj.weight": torch.zeros(1)}, {0: LayerPlan(ffn=False)}, "removed ffn"),
+            ({"no.such.weight": torch.zeros(1)}, {}, "not a parameter")):
         with pytest.raises(PlanError, match=msg):
-            PrunePlan(biases=bad).validate(graph)
-    from structlm.plan import LayerPlan
-    with pytest.raises(PlanError, match="removed ffn"):
-        PrunePlan(layers={0: LayerPlan(ffn=False)}, biases={name: [0.0] * graph.hidden}).validate(graph)
+            PrunePlan(layers=layers, updates=bad).validate(graph)
     with pytest.raises(PlanError, match="cannot express"):
         m = tiny_model("mistral")
         g = build_graph(m)
-        surgery.shrink(m, PrunePlan(biases={"model.layers.0.mlp.down_proj.bias": [0.0] * g.hidden}), g)
+        surgery.shrink(m, PrunePlan(updates={"model.layers.0.mlp.down_proj.bias": torch.zeros(g.hidden)}), g)
 
 
 def test_flap_refuses_hidden_and_skips_bias_where_the_family_cannot_hold_it():
@@ -286,7 +306,7 @@ def test_flap_refuses_hidden_and_skips_bias_where_the_family_cannot_hold_it():
     with pytest.raises(WidthError, match="hidden"):
         methods.get("flap")(model, graph, "params=0.8", calib, prune_hidden=True)
     plan, info = methods.get("flap")(model, graph, "params=0.8", calib)
-    assert not plan.biases and "skipped" in info["bias_compensation"]
+    assert not plan.updates and "skipped" in info["bias_compensation"]
     with pytest.raises(WidthError, match="no bias"):
         methods.get("flap")(model, graph, "params=0.8", calib, bias=True)
 

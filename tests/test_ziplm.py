@@ -22,8 +22,11 @@ def _calib(model, n=16, length=24, seed=0):
 
 
 def _with_updates(model, plan, graph):
-    """The unshrunk model with the plan's units zeroed and its updates written in (expanded)."""
-    masked = surgery.mask(copy.deepcopy(model), plan, graph)
+    """The unshrunk model with the plan's units zeroed and its updates written in (expanded) by
+    hand, independently of surgery.mask's own expansion."""
+    bare = copy.copy(plan)
+    bare.updates = {}
+    masked = surgery.mask(copy.deepcopy(model), bare, graph)
     hd = graph.head_dim
     for name, new in plan.updates.items():
         i = int(name.split(".layers.")[1].split(".")[0])
@@ -51,9 +54,15 @@ def test_ziplm_meets_the_target_and_reconstruction_lowers_the_error(family):
     assert plan.updates, "a pruned sublayer gets re-fitted weights"
     with torch.no_grad():
         dense = model(calib).logits
-        removed_only = surgery.mask(copy.deepcopy(model), plan, graph)(calib).logits
+        bare = copy.copy(plan)
+        bare.updates = {}
+        removed_only = surgery.mask(copy.deepcopy(model), bare, graph)(calib).logits
         rebuilt = _with_updates(model, plan, graph)(calib).logits
+        masked = surgery.mask(copy.deepcopy(model), plan, graph)(calib).logits
+        shrunk = surgery.shrink(copy.deepcopy(model), plan, graph)(calib).logits
     assert (rebuilt - dense).square().mean() < (removed_only - dense).square().mean()
+    torch.testing.assert_close(masked, rebuilt, atol=1e-5, rtol=0)     # mask writes the updates expanded
+    torch.testing.assert_close(shrunk, masked, atol=1e-5, rtol=0)      # exactness holds with updates
 
 
 def test_level_paths_are_monotone_and_end_removed():
@@ -148,3 +157,23 @@ def test_unsupported_family_is_refused_before_scoring():
     model = tiny_model("gpt2")
     with pytest.raises(ValueError, match="does not support family"):
         get("ziplm")(model, build_graph(model), "params=0.8", _calib(model), progress=False)
+
+
+def test_ziplm_checkpoint_saves_updates_and_reloads_with_the_in_memory_logits(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from structlm import export
+    from structlm.plan import PrunePlan
+    model = tiny_model("llama", num_hidden_layers=3)
+    graph = build_graph(model)
+    calib = _calib(model)
+    plan, _ = get("ziplm")(model, graph, "params=0.75", calib, progress=False)
+    surgery.shrink(model, plan, graph)
+    out = export.save(model, None, tmp_path / "z", plan=plan)
+    assert (out / "updates.safetensors").is_file()
+    again = PrunePlan.load(out / "plan.json")
+    assert all(torch.equal(again.updates[n], plan.updates[n]) for n in plan.updates)
+    with torch.no_grad():
+        ref = model(calib).logits
+        loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=True).eval()
+        torch.testing.assert_close(loaded(calib).logits, ref, atol=1e-5, rtol=0)

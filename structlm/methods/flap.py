@@ -21,7 +21,7 @@ over the calibration tokens, which becomes a bias
     b' = b + W[:, R] @ mean_t(X[:, R])
 
 so that the layer's mean output on the calibration data is unchanged.  The new biases go into
-``plan.biases`` (Llama: exported with ``attention_bias``/``mlp_bias``).  ``bias="auto"`` (default)
+``plan.updates`` (Llama: exported with ``attention_bias``/``mlp_bias``).  ``bias="auto"`` (default)
 compensates where the family can hold the bias (Llama, or output projections that already have
 one) and notes it in the info otherwise; ``bias=True`` requires it, ``False`` turns it off.
 Hidden-channel pruning is not part of FLAP and is refused.
@@ -137,9 +137,9 @@ def flap(model, graph, target, calib, **options):
                 delta = compensation(params[proj.weight], input_dim(model.get_submodule(module)),
                                      stats.mean(module), removed)
                 old = params[proj.bias].detach().double() if proj.bias else 0.0
-                plan.biases[proj.weight[:-len(".weight")] + ".bias"] = (old + delta).tolist()
+                plan.updates[proj.weight[:-len(".weight")] + ".bias"] = (old + delta).float()
     info.update(method="flap", metric=metric, gqa=gqa, layers=layers,
                 bias_compensation=compensate if compensate or not bias else
                 f"skipped: {graph.family} cannot hold new output biases",
-                compensated_biases=len(plan.biases), calibration=list(calib.shape), scores=score_summary(scores))
+                compensated_biases=len(plan.updates), calibration=list(calib.shape), scores=score_summary(scores))
     return plan, info
