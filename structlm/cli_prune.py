@@ -9,6 +9,7 @@ written into the staging folder, which is renamed into place at the very end."""
 from __future__ import annotations
 
 import argparse
+import copy
 import contextlib
 import json
 import platform
@@ -39,7 +40,13 @@ def register(subparsers) -> None:
     how.add_argument("--plan", type=Path, help="a plan JSON file (format: docs/formats.md)")
     how.add_argument("--method", help=f"a pruning method: {', '.join(methods.available()) or 'none yet'} "
                                       f"(case and hyphens as in the papers are accepted: LLM-Pruner, Wanda-SP)")
-    how.add_argument("--target", help="params=0.8 keeps 80%% of parameters; blocks=N or sublayers=N removes N")
+    how.add_argument("--target", help="params=0.8 keeps 80%% of parameters; blocks=N or sublayers=N removes N; "
+                                      "several, params=0.9,0.8,0.7, write one checkpoint each into OUT/params=0.9/ "
+                                      "... from one scoring pass where the method allows (ziplm)")
+    how.add_argument("--save-levels", type=Path, default=None, metavar="DIR",
+                     help="ziplm: also write its level database (levels.json) into DIR, for --levels")
+    how.add_argument("--levels", type=Path, default=None, metavar="DIR",
+                     help="ziplm: reuse a level database written by --save-levels (no scoring pass)")
     how.add_argument("--align", type=int_at_least(1), default=None,
                      help="round kept FFN/hidden widths up to a multiple of N (default: the plan's, 8)")
     how.add_argument("-O", "--option", action="append", default=[], metavar="KEY=VALUE",
@@ -84,11 +91,18 @@ def _check_args(args) -> None:
     if args.option and not args.method:
         raise ValueError("-O/--option sets options of a --method; a --plan takes none")
     if args.method:
-        from .targets import parse_target
+        from .targets import parse_targets
 
         methods.get(args.method)
         args.method = methods.canonical_name(args.method)  # "LLM-Pruner" is recorded as llm_pruner
-        parse_target(args.target)
+        args.targets = parse_targets(args.target)
+    else:
+        args.targets = [None]
+    if (args.levels or args.save_levels) and not hasattr(methods.get(args.method) if args.method else None,
+                                                         "prepare"):
+        raise ValueError("--levels/--save-levels hold a level database: only --method ziplm builds one")
+    if args.levels is not None and not (args.levels / "levels.json").is_file():
+        raise ValueError(f"--levels {args.levels}: no levels.json there (write one with --save-levels DIR)")
     if args.out is not None and not args.dry_run:
         from .outputs import check_output_path
 
@@ -127,6 +141,13 @@ def _method_options(args) -> dict:
     from .methods._width import method_options
 
     options = method_options(args)
+    if args.method == "ziplm":   # its own flags: the alignment is its FFN step, and its level database
+        if args.align is not None:
+            options["align"] = args.align
+        if args.levels is not None:
+            options["levels"] = str(args.levels)
+        if args.save_levels is not None:
+            options["save_levels"] = str(args.save_levels)
     options.update(parse_option(item) for item in args.option)
     return options
 
@@ -144,11 +165,11 @@ def _check_against_model(args, model, tokenizer, graph, output) -> None:
         data.heldout_windows(tokenizer, seq_len=args.seq_len, max_tokens=args.eval_tokens, source=args.eval_data)
     fraction = 1.0
     if args.method:
-        from .targets import check_fits, parse_target
+        from .targets import check_fits
 
-        target = parse_target(args.target)
-        check_fits(target, graph.n_layers)
-        fraction = target.value if target.kind == "params" else 1.0
+        for target in args.targets:
+            check_fits(target, graph.n_layers)
+        fraction = sum(t.value if t.kind == "params" else 1.0 for t in args.targets)
     if output is not None:
         weights = models.count_parameters(model) * _save_dtype(args).itemsize
         output.require_space(int(weights * fraction) + (16 << 20), "the checkpoint")
@@ -185,6 +206,15 @@ def _base_model(model_arg: str) -> str | None:
         with contextlib.suppress(ValueError, OSError):
             return json.loads(recipe.read_text()).get("base_model")
     return None
+
+
+def _recorded(options: dict) -> dict:
+    """Options as the recipe records them: a level database built in this run is named, not dumped."""
+    out = dict(options)
+    if out.get("levels") is not None and not isinstance(out["levels"], str):
+        out["levels"] = "built in this run" + (f", saved to {options['save_levels']}" if options.get("save_levels")
+                                               else "")
+    return out
 
 
 def _recipe(args, options: dict, plan, dtype) -> dict:
@@ -228,6 +258,7 @@ def run(args) -> int:
     from . import export
     from .graph import build_graph
     from .pipeline import make_plan, prune
+    from .targets import folder_name
 
     _check_args(args)
     options = _method_options(args) if args.method else {}
@@ -243,9 +274,20 @@ def run(args) -> int:
         if plan is None:
             calib = data.calibration_samples(tokenizer, args.calib_samples, args.calib_len, source=args.calib_data,
                                              seed=args.seed).to(args.device)
-        plan, info, score_stats = make_plan(model, method=args.method, target=args.target, calib=calib, plan=plan,
-                                            align=args.align, graph=graph, options=options)
-        print(plan.summary_text(graph))
+        # a method with a one-pass database (ziplm's levels) builds it once for every target
+        prepare = getattr(methods.get(args.method), "prepare", None) if args.method else None
+        prepared = time.perf_counter()
+        run_options = prepare(model, graph, calib, options) if prepare else options
+        shared_seconds = round(time.perf_counter() - prepared, 2) if prepare else None
+        plans = []
+        for target in args.targets:
+            plan_t, info, score_stats = make_plan(model, method=args.method, target=target, calib=calib,
+                                                  plan=plan, align=args.align, graph=graph,
+                                                  options=dict(run_options))
+            if len(args.targets) > 1:
+                print(f"== {target}")
+            print(plan_t.summary_text(graph))
+            plans.append((target, plan_t, info, score_stats))
         if args.dry_run:
             return 0
 
@@ -254,24 +296,36 @@ def run(args) -> int:
         eval_kw = dict(ppl=True, latency=True, max_tokens=args.eval_tokens, seq_len=args.seq_len,
                        latency_seq=args.latency_seq, source=args.eval_data)
         before = None if args.no_eval else evaluate_model(model, tokenizer, **eval_kw)
-        result = prune(model, plan=plan)
-        result.stats.update(score_stats)
-        after = None if args.no_eval else evaluate_model(model, tokenizer, **eval_kw)
-        report = {"model": args.model, "method": args.method or "plan", "target": args.target,
-                  "stats": result.stats, "shapes": plan.shapes(graph), "before": before, "after": after,
-                  "method_info": info,
-                  "environment": {"python": platform.python_version(), "platform": platform.platform()},
-                  "total_seconds": round(time.perf_counter() - started, 1)}
+        several = len(plans) > 1
+        for target, plan_t, info, score_stats in plans:
+            pruned = copy.deepcopy(model) if several else model
+            result = prune(pruned, plan=plan_t)
+            result.stats.update(score_stats)
+            if shared_seconds is not None:   # the one scoring pass every target shares (ziplm's levels)
+                result.stats["shared_score_seconds"] = shared_seconds
+            after = None if args.no_eval else evaluate_model(pruned, tokenizer, **eval_kw)
+            report = {"model": args.model, "method": args.method or "plan",
+                      "target": str(target) if target is not None else None, "targets": args.target,
+                      "stats": result.stats, "shapes": plan_t.shapes(graph), "before": before, "after": after,
+                      "method_info": info,
+                      "environment": {"python": platform.python_version(), "platform": platform.platform()},
+                      "total_seconds": round(time.perf_counter() - started, 1)}
+            folder = output.staging / folder_name(target) if several else output.staging
+            folder.mkdir(exist_ok=True)
+            if export.removes_sublayers(plan_t):
+                from .figures import plot_removed
 
-        if export.removes_sublayers(plan):
-            from .figures import plot_removed
-
-            plot_removed(plan, graph, output.staging / "removed.png")  # removed sublayers/blocks, in order
-        kind = export.write_checkpoint(model, tokenizer, output.staging, plan=plan,
-                                       recipe=_recipe(args, options, plan, dtype), report=report,
-                                       name=args.out.name)
+                plot_removed(plan_t, graph, folder / "removed.png")  # removed sublayers/blocks, in order
+            recipe = _recipe(args, _recorded(run_options), plan_t, dtype)
+            recipe["target"] = str(target) if target is not None else None
+            kind = export.write_checkpoint(pruned, tokenizer, folder, plan=plan_t, recipe=recipe, report=report,
+                                           name=f"{args.out.name}/{folder.name}" if several else args.out.name)
+            if several:
+                print(f"== {target}")
+            print(_table(before, after or {}, result.stats) if before else
+                  f"  params {result.stats['params_before']:,} -> {result.stats['params_after']:,}")
+            del pruned
         output.commit()
-    print(_table(before, after or {}, result.stats) if before else
-          f"  params {result.stats['params_before']:,} -> {result.stats['params_after']:,}")
-    print(f"saved to {args.out} ({kind} checkpoint, {str(dtype).removeprefix('torch.')}, with a README.md model card)")
+    where = f"{args.out}/{{{','.join(folder_name(t) for t, *_ in plans)}}}" if several else str(args.out)
+    print(f"saved to {where} ({kind} checkpoint, {str(dtype).removeprefix('torch.')}, with a README.md model card)")
     return 0

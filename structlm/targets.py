@@ -69,3 +69,27 @@ def check_fits(target: Target, n_layers: int) -> None:
         raise TargetError(f"target {target} asks for {target.value:g} sublayers removed, but the model has "
                           f"{2 * n_layers} (attention and FFN in {n_layers} blocks) and at least one must stay; "
                           f"use sublayers=1..{2 * n_layers - 1}")
+
+
+def parse_targets(spec: str) -> list[Target]:
+    """Several targets in one run: "params=0.9,0.8,0.7" (a bare value takes the kind before it),
+    each checked like one target; a target given twice is refused."""
+    targets: list[Target] = []
+    kind = None
+    for part in str(spec).split(","):
+        part = part.strip()
+        if not part:
+            raise TargetError(f"target list {spec!r} has an empty item; write e.g. params=0.9,0.8")
+        if "=" not in part and kind is not None:
+            part = f"{kind}={part}"
+        t = parse_target(part)
+        kind = t.kind
+        if t in targets:
+            raise TargetError(f"target {t} is listed twice in {spec!r}")
+        targets.append(t)
+    return targets
+
+
+def folder_name(target: Target) -> str:
+    """The subfolder of a multi-target run's output: params=0.9, blocks=4."""
+    return str(target)

@@ -155,3 +155,39 @@ def test_base_model_and_default_dtype(tiny_folder, tmp_path):
     assert _save_dtype(argparse.Namespace(dtype="auto", model=str(tiny_folder[0]))) == torch.float32
     assert _save_dtype(argparse.Namespace(dtype="auto", model="smollm2-135m")) == torch.float32
     assert _save_dtype(argparse.Namespace(dtype="float16", model="smollm2-135m")) == torch.float16
+
+
+def test_ziplm_several_targets_one_scoring_pass_and_level_reuse(tiny_folder, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from structlm import export
+    folder, text = tiny_folder
+    out, levels = tmp_path / "z", tmp_path / "levels"
+    rc = cli.main(["prune", str(folder), "--method", "ziplm", "--target", "params=0.9,0.8", "--calib-data", str(text),
+                   "--eval-data", str(text), "--out", str(out), "--save-levels", str(levels), *PRUNE_FAST])
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == ["params=0.8", "params=0.9"]
+    ids = torch.randint(0, 100, (1, 12))
+    for sub in ("params=0.9", "params=0.8"):
+        ckpt = out / sub
+        assert {"plan.json", "updates.safetensors", "recipe.json", "report.json", "README.md"} <= {
+            p.name for p in ckpt.iterdir()}
+        report = json.loads((ckpt / "report.json").read_text())
+        assert report["target"] == sub and report["stats"]["params_kept"] <= float(sub.split("=")[1])
+        assert report["stats"]["shared_score_seconds"] > 0
+        recipe = json.loads((ckpt / "recipe.json").read_text())
+        assert recipe["target"] == sub and recipe["options"]["levels"].startswith("built in this run")
+        with torch.no_grad():
+            a = export.load(ckpt)(ids).logits
+            b = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, trust_remote_code=True)(ids).logits
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert (levels / "levels.json").is_file()
+    capsys.readouterr()
+    # a later run reuses the database: same plan for the same target, no scoring pass
+    rc = cli.main(["prune", str(folder), "--method", "ziplm", "--target", "params=0.8", "--levels", str(levels),
+                   "--calib-data", str(text), "--dry-run", *PRUNE_FAST])
+    assert rc == 0
+    assert "ziplm levels" not in capsys.readouterr().err
+    assert cli.main(["prune", str(folder), "--method", "flap", "--target", "params=0.8", "--levels", str(levels),
+                     "--dry-run", *PRUNE_FAST]) == 2
+    assert "only --method ziplm" in capsys.readouterr().err
