@@ -77,8 +77,9 @@ def make_plan(model, *, method: str | None = None, target=None, calib: torch.Ten
         plan.meta.update(method=method, target=str(target))
     if align is not None:
         plan.align = align
+    plan.validate(graph)            # a plan written for another family is refused here, before it is filled
     align_plan(plan, graph)
-    plan.family = graph.family
+    plan.family = plan.family or graph.family
     plan.validate(graph)
     return plan, info, stats
 

@@ -112,26 +112,53 @@ class PrunePlan:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PrunePlan":
+        """A plan from its JSON object, every value type-checked (a PlanError names the key)."""
+        if not isinstance(d, dict):
+            raise PlanError(f"a plan is a JSON object {{\"format\": \"{FORMAT}\", \"layers\": {{...}}, ...}}, "
+                            f"not a {type(d).__name__}")
         if d.get("format", FORMAT) != FORMAT:
             raise PlanError(f"not a {FORMAT} plan (format={d.get('format')!r})")
         unknown = set(d) - {"format", "family", "layers", "removed_blocks", "hidden_channels", "align", "meta",
                             "biases", "updates"}
         if unknown:
             raise PlanError(f"unknown plan keys {sorted(unknown)}")
+        raw_layers = d.get("layers") or {}
+        if not isinstance(raw_layers, dict):
+            raise PlanError("layers must be an object {\"LAYER\": {...}}, e.g. {\"3\": {\"ffn\": false}}")
         layers = {}
-        for key, lp in (d.get("layers") or {}).items():
+        for key, lp in raw_layers.items():
+            if not (isinstance(key, str) and key.strip().lstrip("-").isdigit()):
+                raise PlanError(f"layers: key {key!r} must be a layer number")
+            if not isinstance(lp, dict):
+                raise PlanError(f"layer {key}: must be an object like {{\"ffn_channels\": [...], \"attention\": false}}, "
+                                f"not {lp!r}")
             bad = set(lp) - {"kv_groups", "query_heads", "ffn_channels", "attention", "ffn"}
             if bad:
                 raise PlanError(f"layer {key}: unknown keys {sorted(bad)} (allowed: kv_groups, query_heads, "
                                 f"ffn_channels, attention, ffn)")
-            try:
-                layers[int(key)] = LayerPlan(**lp)
-            except (TypeError, ValueError) as e:
-                raise PlanError(f"layer {key!r}: {e}") from e
-        return cls(layers=layers, removed_blocks=list(d.get("removed_blocks") or []),
-                   hidden_channels=d.get("hidden_channels"), family=d.get("family"),
-                   align=int(d.get("align", 8)), meta=dict(d.get("meta") or {}),
-                   updates=_legacy_biases(d.get("biases")))
+            for flag in ("attention", "ffn"):
+                if flag in lp and not isinstance(lp[flag], bool):
+                    raise PlanError(f"layer {key} {flag}: must be true or false, not {lp[flag]!r}")
+            for idx in ("kv_groups", "query_heads", "ffn_channels"):
+                if idx in lp and lp[idx] is not None:
+                    _check_int_list(f"layer {key} {idx}", lp[idx])
+            layers[int(key)] = LayerPlan(**lp)
+        blocks = d.get("removed_blocks") or []
+        _check_int_list("removed_blocks", blocks)
+        hidden = d.get("hidden_channels")
+        if hidden is not None:
+            _check_int_list("hidden_channels", hidden)
+        align = d.get("align", 8)
+        if not isinstance(align, int) or isinstance(align, bool) or align < 1:
+            raise PlanError(f"align must be a whole number >= 1 (got {align!r})")
+        meta = d.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise PlanError(f"meta must be an object, not {meta!r}")
+        family = d.get("family")
+        if family is not None and not isinstance(family, str):
+            raise PlanError(f"family must be a family name such as \"llama\", not {family!r}")
+        return cls(layers=layers, removed_blocks=list(blocks), hidden_channels=hidden, family=family,
+                   align=align, meta=dict(meta), updates=_legacy_biases(d.get("biases")))
 
     @classmethod
     def load(cls, path) -> "PrunePlan":
@@ -361,6 +388,15 @@ class PrunePlan:
             span = f"{first}" if first == last else f"{first}-{last}"
             lines.append(f"{span:>7}  {text}")
         return "\n".join(lines)
+
+
+def _check_int_list(what: str, values) -> None:
+    """A list of whole numbers (not strings, not booleans, not floats)."""
+    if not isinstance(values, list):
+        raise PlanError(f"{what}: must be a list of integer indices, not {values!r}")
+    bad = [v for v in values if not isinstance(v, int) or isinstance(v, bool)]
+    if bad:
+        raise PlanError(f"{what}: indices must be integers (got {bad[:3]!r}); write 3, not \"3\"")
 
 
 def _legacy_biases(biases) -> dict[str, torch.Tensor]:

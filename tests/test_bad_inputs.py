@@ -165,8 +165,6 @@ def _no_registry(package, dest):
 
 # ---- the table -------------------------------------------------------------------------------------------
 
-OWNED_BY_LEAD = pytest.mark.xfail(strict=False, reason="plan schema: owned by the lead (plan.py), lands on merge")
-OWNED_BY_H12A = pytest.mark.xfail(strict=False, reason="non-finite weights: owned by h12a, lands on merge")
 AS_ROOT = pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 
@@ -197,8 +195,7 @@ CASES = [
          setup=_no_hub),
     case("unsupported-architecture", SHORTGPT[:1] + ["{w}/neox"] + SHORTGPT[2:] + OUT, "gpt_neox"),
     case("nan-weights", PRUNE[:1] + ["{w}/nan"] + PRUNE[2:] + ["--method", "magnitude", "--target",
-                                                               "params=0.8"] + OUT, ("nan", "finite"),
-         marks=OWNED_BY_H12A),
+                                                               "params=0.8"] + OUT, ("nan", "finite")),
     # eval lengths and sizes
     case("seq-len-1", PPL + ["--seq-len", "1"], "--seq-len", "at least 2"),
     case("seq-len-0", PPL + ["--seq-len", "0"], "--seq-len", "at least 2"),
@@ -275,14 +272,11 @@ CASES = [
     case("plan-layer-out-of-range", PRUNE + ["--plan", "{w}/plan_out_of_range.json"] + OUT, "layer 9", "0..1"),
     case("plan-index-out-of-range", PRUNE + ["--plan", "{w}/plan_bad_index.json"] + OUT, "99999"),
     case("plan-removes-every-block", PRUNE + ["--plan", "{w}/plan_every_block.json"] + OUT, "every block"),
-    case("plan-align-text", PRUNE + ["--plan", "{w}/plan_align_eight.json"] + OUT, "align", marks=OWNED_BY_LEAD),
-    case("plan-bool-as-text", PRUNE + ["--plan", "{w}/plan_attention_no.json"] + OUT, "attention",
-         marks=OWNED_BY_LEAD),
+    case("plan-align-text", PRUNE + ["--plan", "{w}/plan_align_eight.json"] + OUT, "align"),
+    case("plan-bool-as-text", PRUNE + ["--plan", "{w}/plan_attention_no.json"] + OUT, "attention"),
     case("plan-block-as-text", PRUNE + ["--plan", "{w}/plan_string_block.json"] + OUT, "removed_blocks",
-         ("integer", "whole number", "int "),
-         marks=OWNED_BY_LEAD),
-    case("plan-of-another-family", PRUNE + ["--plan", "{w}/plan_gpt2_family.json"] + OUT, "gpt2",
-         marks=OWNED_BY_LEAD),
+         ("integer", "whole number", "int ")),
+    case("plan-of-another-family", PRUNE + ["--plan", "{w}/plan_gpt2_family.json"] + OUT, "gpt2"),
     # --out
     case("out-exists", SHORTGPT + ["--out", "{w}/nonempty"], "nonempty", "--force"),
     case("out-under-a-file", SHORTGPT + ["--out", "{w}/a_file/out"], "a_file", "is a file"),

@@ -325,6 +325,9 @@ def score_candidate(trace: Trace, scorer, unit) -> float:
         s, c = scorer(b, trace.run(b, unit[0], skip))
         total += s
         count += c
+    if not math.isfinite(total):
+        raise ValueError(f"the score of removing {unit[1]} {unit[0]} is not finite (NaN/Inf): the model's weights or "
+                         f"the calibration data are broken; check the model with structlm eval")
     return total / max(count, 1)
 
 

@@ -305,6 +305,9 @@ def _sublayers(graph: Graph, scores: dict, layers: list[int], floor: float, alig
             if (kind, i) not in scores:
                 continue
             s = torch.as_tensor(scores[(kind, i)], dtype=torch.float64).flatten()
+            if not bool(torch.isfinite(s).all()):
+                raise WidthError(f"{kind} scores of layer {i} are not finite (NaN/Inf): the model's weights or its "
+                                 f"calibration activations are broken; check the model with structlm eval")
             grp = graph.group(kind, i)
             if s.numel() != grp.count:
                 raise WidthError(f"{kind} scores of layer {i}: {s.numel()} values for {grp.count} units")

@@ -28,6 +28,11 @@ from ._layers import LayerRunner, check_reachable, finish_plan, target_reached
 
 
 def _one_shot(graph, target, scores: dict, name: str):
+    broken = [u for u, v in scores.items() if not math.isfinite(v)]
+    if broken:
+        raise ValueError(f"{name}: the scores of {len(broken)} unit(s) (first: {broken[0][1]} {broken[0][0]}) are not "
+                         f"finite (NaN/Inf): the model's weights or the calibration data are broken; check the model "
+                         f"with structlm eval")
     units = sorted(scores, key=lambda u: (scores[u], u))
     check_reachable(graph, target, units if units[0][1] != "block" else units[:-1])
     removed = []
