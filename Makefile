@@ -1,5 +1,5 @@
 # Two entry points, each sets up (or reuses) the virtual environment first:
-#   make demo   - the main job end to end: FinerCut removes 25% of SmolLM2-135M's parameters
+#   make demo   - the main job end to end: ZipLM removes 20% of SmolLM2-135M's parameters (with reconstruction)
 #   make test   - the whole test suite (unit tests on tiny models + the real-model tests)
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/structlm prune smollm2-135m --method finercut --target params=0.75 --out out/demo --force
+	$(VENV)/bin/structlm prune smollm2-135m --method ziplm --target params=0.8 --out out/demo --force
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
