@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/structlm prune smollm2-135m --method ziplm --target params=0.8 --out out/demo --force
+	$(VENV)/bin/structlm prune smollm2-135m --method ziplm --target params=0.8 --eval-tokens 16384 --out out/demo --force
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
