@@ -337,7 +337,9 @@ def test_the_damaged_cache_files_are_removed(world, tmp_path, monkeypatch, capsy
 # ---- signals: a subprocess each --------------------------------------------------------------------------
 
 SLOW_PRUNE = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    # a test run started in the background (nohup, &) inherits SIGINT ignored: act as a terminal's Ctrl-C
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from structlm import cli, export
     real = export.write_checkpoint
     def slow(*a, **kw):
