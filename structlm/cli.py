@@ -12,7 +12,7 @@ import sys
 
 from . import __version__
 
-VERB_MODULES = ("structlm.cli_eval", "structlm.cli_graph", "structlm.cli_prune")
+VERB_MODULES = ("structlm.cli_eval", "structlm.cli_graph", "structlm.cli_latency", "structlm.cli_prune")
 EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143
 
 

@@ -41,6 +41,7 @@ def register(subparsers) -> None:
     how.add_argument("--method", help=f"a pruning method: {', '.join(methods.available()) or 'none yet'} "
                                       f"(case and hyphens as in the papers are accepted: LLM-Pruner, Wanda-SP)")
     how.add_argument("--target", help="params=0.8 keeps 80%% of parameters; blocks=N or sublayers=N removes N; "
+                                      "speedup=1.5 or latency_ms=20 as predicted by the latency table (see below); "
                                       "several, params=0.9,0.8,0.7, write one checkpoint each into OUT/params=0.9/ "
                                       "... from one scoring pass where the method allows (ziplm)")
     how.add_argument("--save-levels", type=Path, default=None, metavar="DIR",
@@ -54,6 +55,15 @@ def register(subparsers) -> None:
                           "JSON where they parse: numbers, true/false, null; the options are in each method's "
                           "docs: docs/layer-methods.md, docs/width-methods.md)")
     how.add_argument("--dry-run", action="store_true", help="print the plan and its shapes, change nothing")
+    lat = p.add_argument_group("latency targets (speedup=, latency_ms=)")
+    lat.add_argument("--latency-table", type=Path, default=None, metavar="FILE",
+                     help="price latency targets with this table (written by `structlm latency MODEL --out FILE`, "
+                          "e.g. on the deployment machine); without it, this machine's cached table for "
+                          "--latency-regime/--latency-batch/--latency-seq is used (measured on first use)")
+    lat.add_argument("--latency-regime", choices=("prefill", "decode"), default="prefill",
+                     help="the regime of this machine's table: prefill (a [batch, seq] prompt) or decode (one token "
+                          "with a KV cache of seq tokens)")
+    lat.add_argument("--latency-batch", type=int_at_least(1), default=1, help="batch of this machine's table")
     cal = p.add_argument_group("calibration")
     cal.add_argument("--calib-data", default=data.BUILTIN, help="calibration text (see structlm eval --data)")
     cal.add_argument("--calib-samples", type=int_at_least(1), default=32, help="number of calibration samples")
@@ -72,7 +82,8 @@ def register(subparsers) -> None:
                     help="held-out text for the before/after perplexity (see structlm eval --data)")
     ev.add_argument("--eval-tokens", type=int_at_least(1), default=32768, help="held-out tokens for perplexity")
     ev.add_argument("--seq-len", type=int_at_least(2), default=2048, help="perplexity window")
-    ev.add_argument("--latency-seq", type=int_at_least(1), default=128, help="latency prompt length")
+    ev.add_argument("--latency-seq", type=int_at_least(1), default=128,
+                    help="latency prompt length (of the before/after timing, and of this machine's latency table)")
     from .methods._width import add_method_args  # width-method flags (--prune-hidden, --gqa, ...)
 
     add_method_args(p)
@@ -252,6 +263,36 @@ def _table(before: dict | None, after: dict, stats: dict) -> str:
     return "\n".join(lines)
 
 
+def _latency_table(args, model, graph):
+    """The latency table of this run: --latency-table, or this machine's for the --latency-* regime
+    when a target needs one (None when no target is a latency target and no table is given)."""
+    needs = args.method and any(t.is_latency for t in args.targets)
+    if not needs and args.latency_table is None:
+        return None
+    from .latency import Regime
+    from .pipeline import latency_table_for
+
+    regime = None
+    if args.latency_table is None:
+        regime = Regime.here(args.latency_regime, args.latency_batch, args.latency_seq, device=args.device,
+                             dtype=str(_save_dtype(args)).removeprefix("torch."), threads=args.threads)
+    table = latency_table_for(model, graph, args.latency_table, regime)
+    args.targets = [t.with_latency(table) if t is not None and t.is_latency else t for t in args.targets]
+    return table
+
+
+def _measured_here(table, args) -> bool:
+    """Whether this machine is the one the table was measured on (then the pruned model is timed too)."""
+    import torch
+
+    from .latency.regime import device_name
+
+    regime = table.regime
+    return (regime.device.split(":")[0] == str(args.device).split(":")[0]
+            and table.data["hardware"]["device_name"] == device_name(regime.device)
+            and (regime.threads is None or regime.threads == torch.get_num_threads()))
+
+
 # ---- the verb ----------------------------------------------------------------------------------
 
 def run(args) -> int:
@@ -270,6 +311,7 @@ def run(args) -> int:
         model, tokenizer = load_model_arg(args.model, args.device)
         graph = build_graph(model)
         _check_against_model(args, model, tokenizer, graph, output)
+        table = _latency_table(args, model, graph)   # before scoring: measuring one takes minutes
         calib = None
         if plan is None:
             calib = data.calibration_samples(tokenizer, args.calib_samples, args.calib_len, source=args.calib_data,
@@ -283,7 +325,7 @@ def run(args) -> int:
         for target in args.targets:
             plan_t, info, score_stats = make_plan(model, method=args.method, target=target, calib=calib,
                                                   plan=plan, align=args.align, graph=graph,
-                                                  options=dict(run_options))
+                                                  options=dict(run_options), latency_table=table)
             if len(args.targets) > 1:
                 print(f"== {target}")
             print(plan_t.summary_text(graph))
@@ -297,6 +339,9 @@ def run(args) -> int:
                        latency_seq=args.latency_seq, source=args.eval_data)
         before = None if args.no_eval else evaluate_model(model, tokenizer, **eval_kw)
         several = len(plans) > 1
+        # the pruned model is timed against the dense one in the table's regime (paired): keep a dense copy
+        timed_dense = copy.deepcopy(model) if (table is not None and not args.no_eval and not several
+                                               and _measured_here(table, args)) else model
         for target, plan_t, info, score_stats in plans:
             pruned = copy.deepcopy(model) if several else model
             result = prune(pruned, plan=plan_t)
@@ -304,6 +349,14 @@ def run(args) -> int:
             if shared_seconds is not None:   # the one scoring pass every target shares (ziplm's levels)
                 result.stats["shared_score_seconds"] = shared_seconds
             after = None if args.no_eval else evaluate_model(pruned, tokenizer, **eval_kw)
+            if table is not None and not args.no_eval and _measured_here(table, args):
+                from .latency import measure_models
+
+                timed = measure_models({"dense": timed_dense, "pruned": pruned}, table.regime, rounds=9)
+                info.setdefault("latency", {})["measured_here"] = {
+                    "speedup": round(timed["pruned"]["speedup"], 4), "ms": round(timed["pruned"]["ms"], 3),
+                    "dense_ms": round(timed["dense"]["ms"], 3), "spread": round(timed["pruned"]["spread"], 4),
+                    "protocol": "paired with the dense model, 9 rounds (structlm.latency.measure_models)"}
             report = {"model": args.model, "method": args.method or "plan",
                       "target": str(target) if target is not None else None, "targets": args.target,
                       "stats": result.stats, "shapes": plan_t.shapes(graph), "before": before, "after": after,
@@ -312,6 +365,10 @@ def run(args) -> int:
                       "total_seconds": round(time.perf_counter() - started, 1)}
             folder = output.staging / folder_name(target) if several else output.staging
             folder.mkdir(exist_ok=True)
+            if "layers" in info.get("latency", {}):
+                from .figures import plot_latency
+
+                plot_latency(info["latency"], graph, plan_t, folder / "latency.png")  # widths and time per layer
             if export.removes_sublayers(plan_t):
                 from .figures import plot_removed
 

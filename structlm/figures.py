@@ -75,3 +75,52 @@ def plot_removed(plan, graph, path) -> Path:
     fig.savefig(path, dpi=150)
     plt.close(fig)
     return path
+
+
+def plot_latency(summary: dict, graph, plan, path) -> Path:
+    """Per layer: the kept fraction of query heads and FFN channels (top) and the predicted time
+    against the dense layer's (bottom), from a latency summary (``pipeline.latency_summary``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = graph.n_layers
+    layers = summary["layers"]
+    heads = [len(plan.kept_heads(graph, i)) / graph.n_heads for i in range(n)]
+    ffn = [len(plan.kept_ffn(graph, i)) / graph.intermediate for i in range(n)]
+    ms = [entry["ms"] for entry in layers]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.5, 0.3 * n + 2), 4.8), sharex=True)
+    x = list(range(n))
+    top.bar([i - 0.2 for i in x], heads, width=0.4, label="query heads kept", color="tab:blue")
+    top.bar([i + 0.2 for i in x], ffn, width=0.4, label="FFN channels kept", color="tab:orange")
+    top.set_ylim(0, 1.05)
+    top.set_ylabel("fraction kept")
+    top.legend(fontsize=7, loc="lower left", ncol=2)
+    total = summary["predicted_ms"]
+    bottom.bar(x, ms, color="tab:green", label="predicted ms of the layer")
+    dense_layer = summary.get("dense_layer_ms")
+    if dense_layer:
+        bottom.step([i - 0.5 for i in x] + [n - 0.5], dense_layer + [dense_layer[-1]], where="post", color="0.3",
+                    linewidth=0.8, label="dense layer")
+    bottom.set_ylabel("ms")
+    bottom.set_xlabel("layer")
+    bottom.legend(fontsize=7, loc="upper right")
+    share = [100 * m / total for m in ms]
+    for i, s in enumerate(share):
+        if ms[i] > 0:
+            bottom.text(i, ms[i], f"{s:.0f}%", ha="center", va="bottom", fontsize=5)
+    reg = summary["regime"]
+    what = f"prefill {reg['batch']}x{reg['seq']}" if reg["phase"] == "prefill" else \
+        f"decode b{reg['batch']} kv{reg['seq']}"
+    budget = f", budget {summary['budget_ms']:.1f} ms" if "budget_ms" in summary else ""
+    fig.suptitle(f"{plan.meta.get('method') or 'plan'}: predicted {total:.1f} ms (x{summary['predicted_speedup']:.2f} "
+                 f"vs dense {summary['dense_predicted_ms']:.1f} ms{budget}); {what}, {reg['device']}; "
+                 f"labels: share of the total", fontsize=8)
+    top.set_xticks(x)
+    bottom.set_xticklabels([str(i) for i in x], fontsize=6)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path

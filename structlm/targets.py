@@ -1,17 +1,24 @@
 """Targets as plain data: ``params=0.8`` keeps 80% of the parameters (tied embeddings counted
 once), ``blocks=7`` removes seven blocks, ``sublayers=12`` removes twelve attention/FFN
-sublayers.  Parsed from ``--target`` strings or given as dicts (``{"params": 0.8}``)."""
+sublayers, ``speedup=1.5`` makes the model 1.5x faster and ``latency_ms=12`` at most 12 ms, both
+as predicted by a latency table (:mod:`structlm.latency`; the regime -- device, prefill/decode,
+batch, sequence -- is the table's).  Parsed from ``--target`` strings or given as dicts
+(``{"params": 0.8}``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 KINDS = {
     "params": "fraction of the model's parameters to keep (0 < x < 1)",
     "blocks": "number of whole blocks to remove",
     "sublayers": "number of attention/FFN sublayers to remove",
+    "speedup": "times faster than the dense model, predicted by the latency table (x > 1)",
+    "latency_ms": "latency in milliseconds, predicted by the latency table (x > 0)",
 }
+LATENCY_KINDS = ("speedup", "latency_ms")
 
 
 class TargetError(ValueError):
@@ -22,9 +29,25 @@ class TargetError(ValueError):
 class Target:
     kind: str
     value: float
+    # a latency target's table (structlm.latency.LatencyTable), attached by the pipeline
+    latency: object = field(default=None, compare=False, repr=False)
 
     def __str__(self) -> str:
         return f"{self.kind}={self.value:g}"
+
+    @property
+    def is_latency(self) -> bool:
+        return self.kind in LATENCY_KINDS
+
+    def with_latency(self, table) -> "Target":
+        return dataclasses.replace(self, latency=table)
+
+    def latency_budget(self, graph) -> float:
+        """The predicted milliseconds this target allows (a latency target with its table)."""
+        if self.latency is None:
+            raise TargetError(f"target {self} needs a latency table (structlm.prune(..., latency_table=FILE) or "
+                              f"--latency-table FILE; without one, a table is measured on this machine)")
+        return self.latency.budget_ms(graph, self)
 
     def to_dict(self) -> dict:
         return {self.kind: self.value}
@@ -54,6 +77,11 @@ def parse_target(spec) -> Target:
     if kind == "params" and not 0 < value < 1:
         raise TargetError(f"impossible target params={value:g}: keep a fraction strictly between 0 and 1 "
                           f"(params=0.8 keeps 80% of the parameters)")
+    if kind == "speedup" and not value > 1:
+        raise TargetError(f"impossible target speedup={value:g}: ask for more than 1 (speedup=1.5 is 1.5x faster "
+                          f"than the dense model)")
+    if kind == "latency_ms" and not value > 0:
+        raise TargetError(f"impossible target latency_ms={value:g}: give a positive number of milliseconds")
     if kind in ("blocks", "sublayers") and (value < 1 or value != int(value)):
         raise TargetError(f"target {kind}={value:g} must be a positive whole number")
     return Target(kind, value)

@@ -367,10 +367,14 @@ def target_reached(graph, target: Target, removed, unit: str) -> bool:
     """Whether removing ``removed`` meets ``target``.  ``params=x``: the plan keeps at most x of the
     parameters (``plan.cost(graph)["params"] <= x * total``).  ``sublayers=k``: k sublayers gone
     (a block counts as two).  ``blocks=k``: k blocks gone for block methods; for sublayer methods
-    2k sublayers (the same amount of sublayers as k blocks)."""
+    2k sublayers (the same amount of sublayers as k blocks).  ``speedup=`` / ``latency_ms=``: the
+    plan's latency predicted by the target's table is within the budget."""
     if target.kind == "params":
         plan = plan_from_removed(graph, removed)
         return plan.cost(graph)["params"] <= target.value * graph.accounting()["total"]
+    if target.is_latency:     # speedup= / latency_ms=: the latency table's prediction within the budget
+        plan = plan_from_removed(graph, removed)
+        return target.latency.predict(graph, plan)["total_ms"] <= target.latency_budget(graph)
     count = removed_sublayer_count(removed)
     if target.kind == "sublayers":
         return count >= int(target.value)
@@ -381,8 +385,14 @@ def target_reached(graph, target: Target, removed, unit: str) -> bool:
 
 def check_reachable(graph, target: Target, units) -> None:
     if not target_reached(graph, target, units, "any"):
+        more = ""
+        if target.is_latency:
+            table = target.latency
+            best = table.predict(graph, plan_from_removed(graph, units))["total_ms"]
+            more = (f": the fastest it can give is predicted at {best:.2f} ms (x{table.dense_ms(graph) / best:.2f}), "
+                    f"the budget is {target.latency_budget(graph):.2f} ms")
         raise ValueError(f"target {target} cannot be met by removing {units[0][1]} units of this model "
-                         f"(even removing all of them is not enough)")
+                         f"(even removing all of them is not enough{more})")
 
 
 def finish_plan(graph, removed, order: list[dict], target: Target, method: str) -> PrunePlan:

@@ -450,8 +450,12 @@ def allocate(graph: Graph, scores: dict, target, *, allocation: str = "uniform",
     ``reach_only``: only raise that error if the target is out of reach, and return (None, info).
     """
     target = parse_target(target)
-    if target.kind != "params":
-        raise WidthError(f"width methods take a params target (e.g. params=0.8), not {target}")
+    if target.kind != "params" and not target.is_latency:
+        raise WidthError(f"width methods take a params target (e.g. params=0.8) or a latency target "
+                         f"(speedup=1.5, latency_ms=20), not {target}")
+    if target.is_latency and hidden_scores is not None:
+        raise WidthError(f"target {target}: the latency model does not cover hidden-channel pruning (its table is "
+                         f"measured at the model's hidden width); drop --prune-hidden, or use a params target")
     if allocation not in ALLOCATIONS:
         raise WidthError(f"unknown allocation {allocation!r}; choose from {', '.join(ALLOCATIONS)}")
     if attn_rounding is not None and allocation != "uniform":
@@ -461,7 +465,13 @@ def allocate(graph: Graph, scores: dict, target, *, allocation: str = "uniform",
     if attn_rounding not in ATTN_ROUNDINGS:
         raise WidthError(f"unknown attn_rounding {attn_rounding!r}; choose from {', '.join(ATTN_ROUNDINGS)}")
     dense = graph.total_params
-    budget = int(math.floor(target.value * dense))
+    if target.is_latency:   # the cost is the latency table's prediction, the budget in its ms
+        table = target.latency
+        budget = target.latency_budget(graph)
+        dense_cost = table.dense_ms(graph)
+    else:
+        budget = int(math.floor(target.value * dense))
+        dense_cost = dense
     subs = _sublayers(graph, scores, sorted({k[1] for k in scores if k[1] is not None}), floor, align,
                       remove_sublayers)
     if not subs:
@@ -470,7 +480,10 @@ def allocate(graph: Graph, scores: dict, target, *, allocation: str = "uniform",
     ffn = [j for j, s in enumerate(subs) if s.sublayer == "ffn"]
 
     def cost(counts, hidden_kept):
-        return _plan_from_counts(graph, subs, counts, hidden_kept, align).cost(graph)["params"]
+        plan = _plan_from_counts(graph, subs, counts, hidden_kept, align)
+        if target.is_latency:
+            return table.predict(graph, plan)["total_ms"]
+        return plan.cost(graph)["params"]
 
     def deepest_cost(hidden):
         """Parameters kept when every prunable unit is removed down to its floor."""
@@ -478,8 +491,14 @@ def allocate(graph: Graph, scores: dict, target, *, allocation: str = "uniform",
 
     def out_of_reach(how: str, hidden) -> WidthError:
         """The error for an unreachable target: how far these settings can go, and what reaches further."""
-        deepest = deepest_cost(hidden) / dense
-        fixes = [f"a milder target (params={math.ceil(deepest * 1000) / 1000:g} or more)"]
+        deepest = deepest_cost(hidden) / dense_cost
+        if target.is_latency:
+            reach = dense_cost / (deepest * dense_cost)
+            fixes = [f"a milder target (speedup={math.floor(reach * 100) / 100:g} or less, or "
+                     f"latency_ms={math.ceil(deepest * dense_cost * 100) / 100:g} or more)",
+                     "a layer method (shortgpt, finercut) or ziplm, which remove whole sublayers"]
+        else:
+            fixes = [f"a milder target (params={math.ceil(deepest * 1000) / 1000:g} or more)"]
         pruned_layers = {s.layer for s in subs}
         if len(pruned_layers) < graph.n_layers:
             fixes.append(f"more prunable layers (--layers all; now {len(pruned_layers)} of {graph.n_layers})")
@@ -488,11 +507,15 @@ def allocate(graph: Graph, scores: dict, target, *, allocation: str = "uniform",
             fixes.append("--gqa query_heads (one KV group per layer: whole-group removal cannot touch attention)")
         if floor > 0:
             fixes.append(f"a lower floor (-O floor=0; now {floor:g})")
-        if hidden is None and hidden_option:
+        if hidden is None and hidden_option and not target.is_latency:
             fixes.append("--prune-hidden (the embeddings and residual width are otherwise kept whole)")
+        if target.is_latency:
+            still = (f"is still predicted at {deepest * dense_cost:.2f} ms (x{1 / deepest:.2f} of the dense "
+                     f"{dense_cost:.2f} ms) against a budget of {budget:.2f} ms")
+        else:
+            still = f"still keeps {deepest:.1%} of the parameters"
         return WidthError(f"target {target} is out of reach {how}: removing every prunable unit down to its "
-                          f"floor still keeps {deepest:.1%} of the parameters. Fix: {'; or '.join(fixes)} "
-                          "(the Python options have the same names)")
+                          f"floor {still}. Fix: {'; or '.join(fixes)} (the Python options have the same names)")
 
     attn_round = math.floor if attn_rounding == "floor" else round
 
@@ -511,7 +534,9 @@ def allocate(graph: Graph, scores: dict, target, *, allocation: str = "uniform",
     ratio_counts = per_root_counts if allocation == "per_root" else uniform_counts
 
     hidden_kept = None
-    info: dict = {"allocation": allocation, "budget_params": budget, "dense_params": dense}
+    info: dict = {"allocation": allocation, "dense_params": dense,
+                  **({"budget_ms": budget, "dense_predicted_ms": dense_cost} if target.is_latency
+                     else {"budget_params": budget})}
     if reach_only:
         if allocation != "schedule":   # a schedule's zero-weight layers stay whole: checked after scoring
             hidden = _hidden_kept(graph, hidden_scores, 0.99 if hidden_ratio is None else hidden_ratio, align)

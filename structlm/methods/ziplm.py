@@ -361,12 +361,133 @@ def resolve_error_scale(scale: str, family: str) -> str:
     return "output" if family_class(family).output_norms else "residual"
 
 
+def level_config(sub: SublayerLevels, level: Level):
+    """What a level keeps, as a latency table names it: attention (KV groups, query heads per group)
+    or None when removed; FFN width or None when removed."""
+    if level.removed:
+        return None
+    if sub.kind == "attention":
+        groups = len(level.kv_groups)
+        return groups, len(level.query_heads) // groups
+    return level.ffn_kept
+
+
+def pareto(options: list[tuple[float, float, object]]) -> list[tuple[float, float, object]]:
+    """The options (time, error, payload) that no other option beats in both time and error."""
+    out, best = [], math.inf
+    for t, e, p in sorted(options, key=lambda o: (o[0], o[1])):
+        if e < best:
+            out.append((t, e, p))
+            best = e
+    return out
+
+
+def dp_latency(options: list[list[tuple[float, float, object]]], budget: float, buckets: int = 20000) -> list[int]:
+    """One option per layer, ``(time, error, payload)`` each, minimising the summed error with the
+    summed time at most ``budget``.  Times are counted in steps of ``budget / buckets`` rounded *up*,
+    so the choice really fits the budget (the rounding costs at most one step per layer).
+    Returns the option index of every layer; raises ZipLMError when even the fastest options
+    do not fit."""
+    size = budget / buckets
+    dp = np.zeros(buckets + 1)            # least error with at most b steps of time used
+    picks = []
+    for opts in options:
+        new = np.full(buckets + 1, np.inf)
+        pick = np.full(buckets + 1, -1, dtype=np.int32)
+        for j, (t, err, _) in enumerate(opts):
+            r = int(math.ceil(t / size - 1e-9)) if t > 0 else 0
+            if r > buckets:
+                continue
+            cand = dp[:buckets + 1 - r] + err
+            better = cand < new[r:]
+            new[r:][better] = cand[better]
+            pick[r:][better] = j
+        picks.append(pick)
+        dp = new
+    if not np.isfinite(dp[buckets]):
+        raise ZipLMError("the latency target is out of reach with these layers")
+    choice = [0] * len(options)
+    b = buckets
+    for s in range(len(options) - 1, -1, -1):
+        j = int(picks[s][b])
+        choice[s] = j
+        t = options[s][j][0]
+        b -= int(math.ceil(t / size - 1e-9)) if t > 0 else 0
+    return choice
+
+
+def allocate_latency(db: LevelDatabase, graph, target, *, buckets: int = 20000, error_scale: str = "auto"):
+    """Levels for a ``speedup=`` / ``latency_ms=`` target: per layer, every pair (attention level,
+    FFN level) priced by the target's latency table (a layer losing both is a removed block, free),
+    the Pareto front of (time, error) kept, and a dynamic programme over layers on discretised time
+    minimising the summed scaled error within the budget (ZipLM / SPDY's search).  Width and depth
+    trade in one search: a sublayer's last level is "removed"."""
+    table = target.latency
+    budget = target.latency_budget(graph)
+    error_scale = resolve_error_scale(error_scale, graph.family)
+    from ..latency.table import layer_kinds
+
+    kinds = layer_kinds(graph)
+    per_group = graph.n_heads // graph.n_kv
+    by_layer: dict[int, dict[str, int]] = {}
+    for s, sub in enumerate(db.sublayers):
+        by_layer.setdefault(sub.layer, {})[sub.kind] = s
+    fixed = 0.0                                 # layers the database does not prune stay dense
+    for i in range(graph.n_layers):
+        if i not in by_layer:
+            fixed += table.layer_ms(kinds[i], (graph.n_kv, per_group), graph.intermediate)
+    layer_ids = sorted(by_layer)
+    options = []
+    for i in layer_ids:
+        att = db.sublayers[by_layer[i]["attention"]] if "attention" in by_layer[i] else None
+        ffn = db.sublayers[by_layer[i]["ffn"]] if "ffn" in by_layer[i] else None
+        att_levels = list(enumerate(att.levels)) if att else [(None, None)]
+        ffn_levels = list(enumerate(ffn.levels)) if ffn else [(None, None)]
+        combos = []
+        for ja, la in att_levels:
+            a_cfg = level_config(att, la) if att else (graph.n_kv, per_group)
+            a_err = scaled_error(att, la, error_scale) if att else 0.0
+            for jf, lf in ffn_levels:
+                f_cfg = level_config(ffn, lf) if ffn else graph.intermediate
+                f_err = scaled_error(ffn, lf, error_scale) if ffn else 0.0
+                combos.append((table.layer_ms(kinds[i], a_cfg, f_cfg), a_err + f_err, (ja, jf)))
+        options.append(pareto(combos))
+    room = budget - table.base_ms - fixed
+    fastest = table.base_ms + fixed + sum(min(t for t, _, _ in opts) for opts in options)
+    dense = table.dense_ms(graph)
+    if room <= 0 or fastest > budget:
+        raise ZipLMError(f"target {target} is out of reach: the fastest plan of the chosen layers is predicted at "
+                         f"{fastest:.2f} ms (x{dense / fastest:.2f} of the dense {dense:.2f} ms), the budget is "
+                         f"{budget:.2f} ms. Fix: a milder target (speedup={math.floor(dense / fastest * 100) / 100:g} "
+                         f"or less), or more layers (-O layers=all)")
+    picked = dp_latency(options, room, buckets)
+    choice = [0] * len(db.sublayers)
+    for i, opts, j in zip(layer_ids, options, picked):
+        ja, jf = opts[j][2]
+        if ja is not None:
+            choice[by_layer[i]["attention"]] = ja
+        if jf is not None:
+            choice[by_layer[i]["ffn"]] = jf
+    error = sum(opts[j][1] for opts, j in zip(options, picked))
+    planned = table.base_ms + fixed + sum(opts[j][0] for opts, j in zip(options, picked))
+    return choice, {"allocation": "dp_latency", "error_scale": error_scale, "budget_ms": budget,
+                    "dense_predicted_ms": dense, "planned_ms": planned, "summed_error": error,
+                    "pareto_options": [len(o) for o in options]}
+
+
 def allocate_levels(db: LevelDatabase, graph, target, *, allocation: str = "dp", buckets: int = 20000,
                     error_scale: str = "auto") -> tuple[list[int], dict]:
-    """The level index of every sublayer of ``db`` meeting a params target."""
+    """The level index of every sublayer of ``db`` meeting a params target (or, with a latency
+    target, :func:`allocate_latency`)."""
     t = parse_target(target)
+    if t.is_latency:
+        if allocation != "dp":
+            raise ZipLMError(f"ziplm: allocation={allocation} takes a params target; a latency target {t} is "
+                             f"met by the dynamic programme (allocation=dp)")
+        return allocate_latency(db, graph, t, buckets=buckets, error_scale=error_scale)
     if t.kind != "params":
-        raise ZipLMError(f"ziplm takes a params target (e.g. params=0.8), not {t}")
+        raise ZipLMError(f"ziplm takes a params target (params=0.8) or a latency target (speedup=1.5, "
+                         f"latency_ms=20), not {t}")
     budget = int(math.floor(t.value * graph.total_params))
     need = graph.total_params - budget
     error_scale = resolve_error_scale(error_scale, graph.family)
@@ -577,8 +698,9 @@ def prepare(model, graph, calib, options: dict) -> dict:
 def ziplm(model, graph, target, calib, **options):
     opts = _options(graph, options)
     t = parse_target(target)
-    if t.kind != "params":
-        raise ZipLMError(f"ziplm takes a params target (e.g. params=0.8), not {t}")
+    if t.kind != "params" and not t.is_latency:
+        raise ZipLMError(f"ziplm takes a params target (params=0.8) or a latency target (speedup=1.5, "
+                         f"latency_ms=20), not {t}")
     LayerRunner(model)   # refuses a family the layer runner cannot run, before any scoring
     db = _levels_for(model, graph, calib, opts)
     if opts["save_levels"]:
