@@ -329,6 +329,11 @@ def run(args) -> int:
             if len(args.targets) > 1:
                 print(f"== {target}")
             print(plan_t.summary_text(graph))
+            if "latency" in info:
+                lat = info["latency"]
+                budget = f", budget {lat['budget_ms']:.2f} ms" if "budget_ms" in lat else ""
+                print(f"predicted latency: {lat['predicted_ms']:.2f} ms, x{lat['predicted_speedup']:.3f} of the dense "
+                      f"{lat['dense_predicted_ms']:.2f} ms{budget} ({table.regime.describe()})")
             plans.append((target, plan_t, info, score_stats))
         if args.dry_run:
             return 0

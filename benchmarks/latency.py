@@ -1,0 +1,312 @@
+"""Latency targets, measured: the latency model's error, ziplm's speedup targets checked end to end,
+and every method at speedup targets against Torch-Pruning (quality vs measured speedup).
+
+    .venv/bin/python benchmarks/latency.py --suite validate --models smollm2-135m,gemma3-270m
+    .venv/bin/python benchmarks/latency.py --suite targets          # the acceptance run (SmolLM2, CPU)
+    .venv/bin/python benchmarks/latency.py --suite methods --models smollm2-135m --speedups 1.25,1.5
+
+* ``validate``: per model and regime (prefill 1x128, decode with a 128-token KV cache), the
+  latency table (this machine's cached one, measured when missing) and the dense model plus six
+  pruned plans on random weights timed end to end beside the dense model: predicted vs measured
+  latency and speedup (structlm.latency.validate).
+* ``targets``: ``structlm prune smollm2-135m --method ziplm --target speedup=1.25,1.5`` in the
+  prefill regime and with ``--latency-regime decode``, then every checkpoint reloaded and timed
+  against the dense model in its regime, paired, ``--rounds`` rounds (structlm.latency.measure_models).
+* ``methods``: every method at each ``--speedups`` target (prefill table), held-out perplexity,
+  zero-shot average (``--limit`` items per task) and measured speedup; Torch-Pruning at its params
+  targets; a Pareto plot (perplexity vs measured speedup, one line per method).
+
+Results: benchmarks/results/latency_<suite>.{json,md} (+ latency_pareto.png).  Timings need a
+quiet machine: nothing else may run meanwhile (the numbers say so through their spread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from structlm import evaluate, models, zeroshot   # noqa: E402
+from structlm.graph import build_graph            # noqa: E402
+from structlm.latency import Regime, measure_models, table_for   # noqa: E402
+from structlm.latency.validate import validate_table               # noqa: E402
+
+RESULTS = HERE / "results"
+REGIMES = {"prefill": dict(phase="prefill", batch=1, seq=128), "decode": dict(phase="decode", batch=1, seq=128)}
+METHODS = ["ziplm", "flap", "wanda_sp", "magnitude", "llm_pruner", "shortgpt", "finercut", "tp:l2"]
+TASKS = ["arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq"]
+
+
+def environment(threads: int) -> dict:
+    from structlm.latency.regime import device_name, software
+
+    return {"device": device_name("cpu"), "threads": threads, **software(), "python": platform.python_version()}
+
+
+def write(name: str, result: dict, markdown: str) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"latency_{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / f"latency_{name}.md").write_text(markdown)
+    print(markdown)
+
+
+def regime_for(name: str, threads: int) -> Regime:
+    return Regime.here(**REGIMES[name], threads=threads)
+
+
+def table_of(model_name: str, regime: Regime):
+    config = models.load_config(model_name)
+    graph = build_graph(config)
+    table, _ = table_for(graph, config, regime)
+    return config, graph, table
+
+
+# ---- suite: validate -------------------------------------------------------------------------------
+
+def suite_validate(args) -> None:
+    rows, md = [], ["# Latency model: predicted vs measured", "",
+                    f"`{args.command}`", "",
+                    f"Environment: {json.dumps(environment(args.threads))}", "",
+                    "Every plan is shrunk on random weights and timed end to end beside the dense model "
+                    f"(paired, {args.rounds} rounds; the speedup is the median ratio). The table is this machine's "
+                    "cached table for the regime (probes of 8 identical layers, FFN grid every 64 channels).", ""]
+    for model_name in args.models:
+        for regime_name in args.regimes:
+            regime = regime_for(regime_name, args.threads)
+            config, graph, table = table_of(model_name, regime)
+            result = validate_table(table, config, rounds=args.rounds)
+            inter = table.data.get("interpolation", {})
+            rows.append({"model": model_name, "regime": regime_name, "table": table.data, "validation": result})
+            md += [f"## {model_name}, {regime.describe()}", "",
+                   f"Table built in {table.data['built_seconds']:.0f} s; FFN interpolation error at off-grid widths: "
+                   f"max {100 * inter.get('max_rel_error', 0):.1f}%, mean {100 * inter.get('mean_rel_error', 0):.1f}%; "
+                   f"calibration factor {table.scale:.4f}.", "",
+                   "| plan | predicted ms | measured ms | latency error | predicted speedup | measured speedup | "
+                   "speedup error | spread (IQR) |", "|---|---|---|---|---|---|---|---|"]
+            for r in result["rows"]:
+                md.append(f"| {r['plan']} | {r['predicted_ms']:.2f} | {r['measured_ms']:.2f} | "
+                          f"{100 * r['latency_error']:+.1f}% | {r['predicted_speedup']:.3f} | "
+                          f"{r['measured_speedup']:.3f} | {100 * r['speedup_error']:+.1f}% | "
+                          f"{100 * r['spread']:.0f}% |")
+            md += ["", f"Largest speedup error {100 * result['max_abs_speedup_error']:.1f}%, largest latency error "
+                       f"{100 * result['max_abs_latency_error']:.1f}%.", ""]
+            write("validation", {"command": args.command, "environment": environment(args.threads), "rows": rows},
+                  "\n".join(md) + "\n")
+
+
+# ---- suite: targets --------------------------------------------------------------------------------
+
+def run_cli(argv: list[str]) -> None:
+    print("$ structlm " + shlex.join(argv), flush=True)
+    subprocess.run([sys.executable, "-m", "structlm.cli", *argv], check=True)
+
+
+def suite_targets(args) -> None:
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model_name = args.models[0]
+    speedups = args.speedups
+    target = "speedup=" + ",".join(f"{s:g}" for s in speedups)
+    commands = {}
+    levels = work / "levels"
+    for regime_name in args.regimes:
+        out = work / f"ziplm_{regime_name}"
+        argv = ["prune", model_name, "--method", "ziplm", "--target", target, "--out", str(out),
+                "--eval-tokens", str(args.eval_tokens), "--threads", str(args.threads)]
+        if regime_name != "prefill":
+            argv += ["--latency-regime", regime_name]
+        argv += ["--levels", str(levels)] if (levels / "levels.json").is_file() else ["--save-levels", str(levels)]
+        commands[regime_name] = "structlm " + shlex.join(argv)
+        if not (out / "recipe.json").exists() and not any(out.glob("*/recipe.json")):
+            run_cli(argv)
+    dense, _ = models.load_model(model_name)
+    rows = []
+    for regime_name in args.regimes:
+        regime = regime_for(regime_name, args.threads)
+        out = work / f"ziplm_{regime_name}"
+        variants = {"dense": dense}
+        reports = {}
+        for s in speedups:
+            folder = out / f"speedup={s:g}"
+            variants[f"speedup={s:g}"], _ = models.load_model(str(folder))
+            reports[f"speedup={s:g}"] = json.loads((folder / "report.json").read_text())
+        measured = measure_models(variants, regime, rounds=args.rounds)
+        for name, report in reports.items():
+            lat = report["method_info"]["latency"]
+            asked = float(name.split("=")[1])
+            m = measured[name]
+            rows.append({"regime": regime_name, "target": name, "asked": asked,
+                         "predicted_speedup": lat["predicted_speedup"], "measured_speedup": m["speedup"],
+                         "measured_over_asked": m["speedup"] / asked, "spread": m["spread"],
+                         "measured_ms": m["ms"], "dense_ms": measured["dense"]["ms"],
+                         "ppl": ((report.get("after") or {}).get("perplexity") or {}).get("ppl"),
+                         "dense_ppl": ((report.get("before") or {}).get("perplexity") or {}).get("ppl"),
+                         "params_kept": report["stats"]["params_kept"],
+                         "layers": [f"{e['attention'] or '-'}/{e['ffn'] or '-'}" for e in lat["layers"]],
+                         "command": commands[regime_name]})
+    md = ["# Latency targets: ziplm checkpoints measured against dense", "",
+          f"`{args.command}`", "", f"Environment: {json.dumps(environment(args.threads))}", "",
+          f"Each checkpoint was reloaded from disk and timed beside the dense model in its regime (paired, "
+          f"{args.rounds} rounds, median ratio; spread = inter-quartile range of the ratios). Perplexity: held-out "
+          f"Wikipedia, window 2048, first {args.eval_tokens} tokens (the prune command's own before/after).", "",
+          "| regime | target | predicted | measured | measured / asked | spread | ppl (dense) | params kept | command |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['regime']} | {r['target']} | x{r['predicted_speedup']:.3f} | x{r['measured_speedup']:.3f} | "
+                  f"{r['measured_over_asked']:.3f} | {100 * r['spread']:.0f}% | {r['ppl']:.2f} ({r['dense_ppl']:.2f}) | "
+                  f"{100 * r['params_kept']:.1f}% | `{r['command']}` |")
+    md += ["", "Per-layer configuration (attention KV groups x heads per group / FFN width; - = removed):", ""]
+    for r in rows:
+        md.append(f"- {r['regime']} {r['target']}: " + " ".join(r["layers"]))
+    write("targets", {"command": args.command, "environment": environment(args.threads), "rows": rows},
+          "\n".join(md) + "\n")
+
+
+# ---- suite: methods --------------------------------------------------------------------------------
+
+def suite_methods(args) -> None:
+    from structlm import data
+    from structlm.anchors import tp_prune_to_params
+    from structlm.pipeline import make_plan
+    from structlm.surgery import shrink
+
+    results_path = RESULTS / "latency_methods.json"
+    old = json.loads(results_path.read_text()) if results_path.exists() and not args.fresh else {"rows": []}
+    rows = old["rows"]
+    done = {(r["model"], r["method"], r["target"]) for r in rows}
+    regime = regime_for("prefill", args.threads)
+    for model_name in args.models:
+        dense, tok = models.load_model(model_name)
+        graph = build_graph(dense)
+        _, _, table = table_of(model_name, regime)
+        calib = data.calibration_samples(tok, 32, 256)
+        dense_ppl = evaluate.perplexity(dense, tok, seq_len=2048, max_tokens=args.eval_tokens, progress=False)["ppl"]
+        for method in args.methods:
+            targets = args.tp_params if method.startswith("tp:") else args.speedups
+            for t in targets:
+                key = f"params={t:g}" if method.startswith("tp:") else f"speedup={t:g}"
+                if (model_name, method, key) in done:
+                    continue
+                start = time.perf_counter()
+                try:
+                    if method.startswith("tp:"):
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            model, _, _ = tp_prune_to_params(lambda: copy.deepcopy(dense), t, calib=calib[:10],
+                                                             prune_hidden=True)
+                        predicted = None
+                    else:
+                        model = copy.deepcopy(dense)
+                        options = {"progress": False} if method == "ziplm" else {}
+                        plan, info, _ = make_plan(model, method=method, target=key, calib=calib, graph=graph,
+                                                  options=options, latency_table=table)
+                        shrink(model, plan, graph)
+                        predicted = info["latency"]["predicted_speedup"]
+                except ValueError as e:          # a target the method cannot reach: recorded as such
+                    rows.append({"model": model_name, "method": method, "target": key, "refused": str(e)})
+                    continue
+                seconds = time.perf_counter() - start
+                ppl = evaluate.perplexity(model, tok, seq_len=2048, max_tokens=args.eval_tokens, progress=False)["ppl"]
+                row = {"model": model_name, "method": method, "target": key, "predicted_speedup": predicted,
+                       "ppl": ppl, "dense_ppl": dense_ppl, "params_kept": models.count_parameters(model) /
+                       models.count_parameters(dense), "prune_seconds": round(seconds, 1)}
+                if args.limit and ppl < 1000:
+                    zs = zeroshot.evaluate_zero_shot(model, tok, TASKS, limit=args.limit, progress=False)
+                    row["zero_shot_avg"] = zs["average"]["average_acc"]
+                m = measure_models({"dense": dense, "pruned": model}, regime, rounds=args.rounds, progress=False)
+                row.update(measured_speedup=m["pruned"]["speedup"], spread=m["pruned"]["spread"])
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                result = {"command": args.command, "environment": environment(args.threads), "rows": rows}
+                results_path.write_text(json.dumps(result, indent=1) + "\n")
+                del model
+    result = {"command": args.command, "environment": environment(args.threads), "rows": rows}
+    results_path.write_text(json.dumps(result, indent=1) + "\n")
+    write("methods", result, methods_markdown(result, args))
+    pareto_plot(rows, RESULTS / "latency_pareto.png")
+
+
+def methods_markdown(result: dict, args) -> str:
+    md = ["# Methods at latency targets (CPU prefill 1x128)", "", f"`{result['command']}`", "",
+          f"Environment: {json.dumps(result['environment'])}", "",
+          f"Measured speedup: the pruned model beside the dense one, paired, {args.rounds} rounds (median ratio). "
+          f"Perplexity: held-out Wikipedia, window 2048, first {args.eval_tokens} tokens. Torch-Pruning runs at "
+          "params targets (it has no latency target); its measured speedup places it on the same axis.", "",
+          "| model | method | target | predicted x | measured x | spread | ppl (dense) | zero-shot | params kept |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if "refused" in r:
+            md.append(f"| {r['model']} | {r['method']} | {r['target']} | refused: {r['refused'][:120]} | | | | | |")
+            continue
+        pred = f"x{r['predicted_speedup']:.3f}" if r.get("predicted_speedup") else "-"
+        zs = f"{100 * r['zero_shot_avg']:.1f}" if r.get("zero_shot_avg") is not None else "-"
+        md.append(f"| {r['model']} | {r['method']} | {r['target']} | {pred} | x{r['measured_speedup']:.3f} | "
+                  f"{100 * r['spread']:.0f}% | {r['ppl']:.2f} ({r['dense_ppl']:.2f}) | {zs} | "
+                  f"{100 * r['params_kept']:.1f}% |")
+    return "\n".join(md) + "\n"
+
+
+def pareto_plot(rows: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models_ = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models_), figsize=(6 * len(models_), 4.2), squeeze=False)
+    for ax, model_name in zip(axes[0], models_):
+        for method in sorted({r["method"] for r in rows if r["model"] == model_name}):
+            got = sorted((r["measured_speedup"], r["ppl"]) for r in rows
+                         if r["model"] == model_name and r["method"] == method and "refused" not in r)
+            if got:
+                ax.plot([g[0] for g in got], [g[1] for g in got], marker="o", label=method)
+        dense = [r["dense_ppl"] for r in rows if r["model"] == model_name and "dense_ppl" in r]
+        if dense:
+            ax.scatter([1.0], [dense[0]], marker="*", s=120, color="black", label="dense", zorder=5)
+        ax.set_yscale("log")
+        ax.set_xlabel("measured speedup over dense (CPU prefill 1x128)")
+        ax.set_ylabel("held-out perplexity (log)")
+        ax.set_title(model_name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=("validate", "targets", "methods"), required=True)
+    ap.add_argument("--models", default="smollm2-135m", type=lambda s: s.split(","))
+    ap.add_argument("--regimes", default="prefill,decode", type=lambda s: s.split(","))
+    ap.add_argument("--speedups", default="1.25,1.5", type=lambda s: [float(x) for x in s.split(",")])
+    ap.add_argument("--tp-params", default="0.8,0.7", type=lambda s: [float(x) for x in s.split(",")])
+    ap.add_argument("--methods", default=",".join(METHODS), type=lambda s: s.split(","))
+    ap.add_argument("--rounds", type=int, default=25)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--limit", type=int, default=0, help="zero-shot items per task (0: skip)")
+    ap.add_argument("--work", default="/tmp/structlm-latency-bench", help="where the targets suite writes checkpoints")
+    ap.add_argument("--fresh", action="store_true")
+    args = ap.parse_args(argv)
+    args.command = "python benchmarks/latency.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    models.set_threads(args.threads)
+    {"validate": suite_validate, "targets": suite_targets, "methods": suite_methods}[args.suite](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
