@@ -77,34 +77,44 @@ def table_of(model_name: str, regime: Regime):
 # ---- suite: validate -------------------------------------------------------------------------------
 
 def suite_validate(args) -> None:
-    rows, md = [], ["# Latency model: predicted vs measured", "",
-                    f"`{args.command}`", "",
-                    f"Environment: {json.dumps(environment(args.threads))}", "",
-                    "Every plan is shrunk on random weights and timed end to end beside the dense model "
-                    f"(paired, {args.rounds} rounds; the speedup is the median ratio). The table is this machine's "
-                    "cached table for the regime (probes of 8 identical layers, FFN grid every 64 channels).", ""]
+    path = RESULTS / "latency_validation.json"
+    rows = json.loads(path.read_text())["rows"] if path.exists() and not args.fresh else []
     for model_name in args.models:
         for regime_name in args.regimes:
             regime = regime_for(regime_name, args.threads)
             config, graph, table = table_of(model_name, regime)
             result = validate_table(table, config, rounds=args.rounds)
-            inter = table.data.get("interpolation", {})
-            rows.append({"model": model_name, "regime": regime_name, "table": table.data, "validation": result})
-            md += [f"## {model_name}, {regime.describe()}", "",
-                   f"Table built in {table.data['built_seconds']:.0f} s; FFN interpolation error at off-grid widths: "
-                   f"max {100 * inter.get('max_rel_error', 0):.1f}%, mean {100 * inter.get('mean_rel_error', 0):.1f}%; "
-                   f"calibration factor {table.scale:.4f}.", "",
-                   "| plan | predicted ms | measured ms | latency error | predicted speedup | measured speedup | "
-                   "speedup error | spread (IQR) |", "|---|---|---|---|---|---|---|---|"]
-            for r in result["rows"]:
-                md.append(f"| {r['plan']} | {r['predicted_ms']:.2f} | {r['measured_ms']:.2f} | "
-                          f"{100 * r['latency_error']:+.1f}% | {r['predicted_speedup']:.3f} | "
-                          f"{r['measured_speedup']:.3f} | {100 * r['speedup_error']:+.1f}% | "
-                          f"{100 * r['spread']:.0f}% |")
-            md += ["", f"Largest speedup error {100 * result['max_abs_speedup_error']:.1f}%, largest latency error "
-                       f"{100 * result['max_abs_latency_error']:.1f}%.", ""]
-            write("validation", {"command": args.command, "environment": environment(args.threads), "rows": rows},
-                  "\n".join(md) + "\n")
+            rows = [r for r in rows if (r["model"], r["regime"]) != (model_name, regime_name)]
+            rows.append({"model": model_name, "regime": regime_name, "command": args.command,
+                         "environment": environment(args.threads), "table": table.data, "validation": result})
+            write("validation", {"rows": rows}, validation_markdown(rows))
+
+
+def validation_markdown(rows: list) -> str:
+    md = ["# Latency model: predicted vs measured", "",
+          "Every plan is shrunk on random weights and timed end to end beside the dense model (paired; the "
+          "speedup is the median ratio over the rounds, spread the inter-quartile range of the ratios). The table "
+          "is this machine's cached table for the regime (probes of 8 identical layers, FFN grid every 64 "
+          "channels, 12 rounds paired with the dense probe).", ""]
+    for row in rows:
+        table, result = row["table"], row["validation"]
+        inter = table.get("interpolation", {})
+        regime = Regime(**table["regime"])
+        md += [f"## {row['model']}, {regime.describe()}", "", f"`{row['command']}`", "",
+               f"Environment: {json.dumps(row['environment'])}", "",
+               f"Table built in {table['built_seconds']:.0f} s; FFN interpolation error at off-grid widths: "
+               f"max {100 * inter.get('max_rel_error', 0):.1f}%, mean {100 * inter.get('mean_rel_error', 0):.1f}%; "
+               f"calibration factor {(table.get('calibration') or {}).get('factor', 1.0):.4f}; "
+               f"{result['rounds']} rounds.", "",
+               "| plan | predicted ms | measured ms | latency error | predicted speedup | measured speedup | "
+               "speedup error | spread (IQR) |", "|---|---|---|---|---|---|---|---|"]
+        for r in result["rows"]:
+            md.append(f"| {r['plan']} | {r['predicted_ms']:.2f} | {r['measured_ms']:.2f} | "
+                      f"{100 * r['latency_error']:+.1f}% | {r['predicted_speedup']:.3f} | "
+                      f"{r['measured_speedup']:.3f} | {100 * r['speedup_error']:+.1f}% | {100 * r['spread']:.0f}% |")
+        md += ["", f"Largest speedup error {100 * result['max_abs_speedup_error']:.1f}%, largest latency error "
+                   f"{100 * result['max_abs_latency_error']:.1f}%.", ""]
+    return "\n".join(md) + "\n"
 
 
 # ---- suite: targets --------------------------------------------------------------------------------
