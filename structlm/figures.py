@@ -94,18 +94,19 @@ def plot_latency(summary: dict, graph, plan, path) -> Path:
     x = list(range(n))
     top.bar([i - 0.2 for i in x], heads, width=0.4, label="query heads kept", color="tab:blue")
     top.bar([i + 0.2 for i in x], ffn, width=0.4, label="FFN channels kept", color="tab:orange")
-    top.set_ylim(0, 1.05)
+    top.set_ylim(0, 1.3)
     top.set_ylabel("fraction kept")
-    top.legend(fontsize=7, loc="lower left", ncol=2)
+    top.legend(fontsize=7, loc="upper center", ncol=2)
     total = summary["predicted_ms"]
     bottom.bar(x, ms, color="tab:green", label="predicted ms of the layer")
     dense_layer = summary.get("dense_layer_ms")
     if dense_layer:
         bottom.step([i - 0.5 for i in x] + [n - 0.5], dense_layer + [dense_layer[-1]], where="post", color="0.3",
                     linewidth=0.8, label="dense layer")
-    bottom.set_ylabel("ms")
+    bottom.set_ylabel("predicted ms")
     bottom.set_xlabel("layer")
-    bottom.legend(fontsize=7, loc="upper right")
+    bottom.set_ylim(0, 1.35 * max(ms + (dense_layer or []) + [1e-9]))
+    bottom.legend(fontsize=7, loc="upper center", ncol=2)
     share = [100 * m / total for m in ms]
     for i, s in enumerate(share):
         if ms[i] > 0:
