@@ -60,9 +60,7 @@ def run(args) -> int:
                          threads=args.threads)
     check_regime_device(regime)
     config = models.load_config(args.model)
-    if hasattr(config, "text_config") and getattr(config, "model_type", "") == "gemma3":
-        config = config.text_config
-    graph = build_graph(config)
+    graph = build_graph(config)   # refuses, in one line, a family structlm cannot prune
     table, reused = table_for(graph, config, regime, rebuild=args.rebuild)
     if args.out:
         table.save(args.out)

@@ -344,9 +344,10 @@ def run(args) -> int:
                        latency_seq=args.latency_seq, source=args.eval_data)
         before = None if args.no_eval else evaluate_model(model, tokenizer, **eval_kw)
         several = len(plans) > 1
-        # the pruned model is timed against the dense one in the table's regime (paired): keep a dense copy
-        timed_dense = copy.deepcopy(model) if (table is not None and not args.no_eval and not several
-                                               and _measured_here(table, args)) else model
+        # on the table's own machine the pruned model is timed against the dense one in the table's regime
+        # (paired): with one target the model is pruned in place, so a dense copy is kept for that
+        time_here = table is not None and not args.no_eval and _measured_here(table, args)
+        timed_dense = copy.deepcopy(model) if time_here and not several else model
         for target, plan_t, info, score_stats in plans:
             pruned = copy.deepcopy(model) if several else model
             result = prune(pruned, plan=plan_t)
@@ -354,7 +355,7 @@ def run(args) -> int:
             if shared_seconds is not None:   # the one scoring pass every target shares (ziplm's levels)
                 result.stats["shared_score_seconds"] = shared_seconds
             after = None if args.no_eval else evaluate_model(pruned, tokenizer, **eval_kw)
-            if table is not None and not args.no_eval and _measured_here(table, args):
+            if time_here:
                 from .latency import measure_models
 
                 timed = measure_models({"dense": timed_dense, "pruned": pruned}, table.regime, rounds=9)

@@ -69,12 +69,13 @@ def latency_table_for(model, graph, latency_table=None, regime=None, progress: b
 def latency_summary(table, graph, plan: PrunePlan, target=None) -> dict:
     """The plan's predicted latency per layer and in all, against the dense model and the budget."""
     predicted = table.predict(graph, plan)
-    dense = table.dense_ms(graph)
+    dense_pred = table.predict(graph)
+    dense = dense_pred["total_ms"]
     out = {"table": table.source, "regime": table.regime.to_dict(),
            "device_name": table.data["hardware"]["device_name"], "dense_predicted_ms": round(dense, 4),
            "predicted_ms": round(predicted["total_ms"], 4),
            "predicted_speedup": round(dense / predicted["total_ms"], 4), "base_ms": round(predicted["base_ms"], 4),
-           "layers": predicted["layers"], "dense_layer_ms": [entry["ms"] for entry in table.predict(graph)["layers"]]}
+           "layers": predicted["layers"], "dense_layer_ms": [entry["ms"] for entry in dense_pred["layers"]]}
     if target is not None and target.is_latency:
         out["budget_ms"] = round(target.latency_budget(graph), 4)
     return out

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 
 import pytest
-import torch
 
-from structlm import cli, methods
+from structlm import cli
 from structlm.graph import build_graph
 from structlm.latency import LatencyError, LatencyTable, Regime, table_for
 from structlm.latency.measure import build_table, ffn_grid, isotonic
@@ -20,8 +18,8 @@ from structlm.latency.table import FORMAT, attention_key, fingerprint
 from structlm.methods.ziplm import dp_latency, pareto
 from structlm.pipeline import make_plan, prune
 from structlm.plan import LayerPlan, PrunePlan
-from structlm.surgery import shrink
 from structlm.targets import TargetError, parse_target, parse_targets
+from helpers import tiny_llama, tiny_tokenizer
 from tiny_models import tiny_config, tiny_inputs, tiny_model
 
 
@@ -223,8 +221,6 @@ def test_out_of_reach_latency_targets_say_how_far_they_go():
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    from helpers import tiny_llama, tiny_tokenizer
-
     folder = tmp_path_factory.mktemp("tiny-latency")
     tiny_llama(layers=4).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
@@ -239,10 +235,9 @@ def test_latency_verb_and_prune_with_a_table(tiny_folder, tmp_path, monkeypatch,
     assert "attention only" in out and "FFN only" in out and "measured and cached" in out
     assert cli.main(["latency", str(tiny_folder), "--seq", "8", "--threads", "1"]) == 0
     assert "reused the cached table" in capsys.readouterr().out
-    graph = build_graph(tiny_model("llama"))  # any tiny llama: same widths
     # a table of fixed numbers, so the plan does not depend on this machine's timing
     table = LatencyTable.load(table_file)
-    synthetic = synthetic_table(build_graph(__import__("helpers").tiny_llama(layers=4)))
+    synthetic = synthetic_table(build_graph(tiny_llama(layers=4)))
     synthetic.data["model"] = table.data["model"]
     synthetic.save(table_file)
     out_dir = tmp_path / "out"
@@ -255,7 +250,6 @@ def test_latency_verb_and_prune_with_a_table(tiny_folder, tmp_path, monkeypatch,
         lat = report["method_info"]["latency"]
         assert lat["predicted_speedup"] >= float(sub.split("=")[1]) - 1e-6
         assert (out_dir / sub / "latency.png").is_file()
-    del graph
     assert cli.main(["prune", str(tiny_folder), "--method", "magnitude", "--target", "speedup=1.2",
                      "--latency-table", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o2"),
                      "--no-eval"]) == 2

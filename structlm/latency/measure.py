@@ -47,8 +47,9 @@ def _config_for(config, n_layers: int, kind: str | None, vocab: int | None):
     return c
 
 
-def random_model(config, regime: Regime, seed: int = 0):
-    """A causal LM of ``config`` with random weights, in the regime's dtype and device."""
+def random_model(config, seed: int = 0):
+    """A causal LM of ``config`` with random weights, float32 on the CPU (where ``shrink`` runs; the
+    callers move it to the regime's device and dtype afterwards)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -59,7 +60,7 @@ def random_model(config, regime: Regime, seed: int = 0):
 def probe(config, regime: Regime, n: int, kind: str, attention, ffn, seed: int = 0):
     """The decoder stack of ``n`` identical layers: ``attention`` = (KV groups, query heads per
     group) or None (removed), ``ffn`` = width or None (removed)."""
-    model = random_model(_config_for(config, n, kind, PROBE_VOCAB), regime, seed)
+    model = random_model(_config_for(config, n, kind, PROBE_VOCAB), seed)
     graph = build_graph(model)
     per_group = graph.n_heads // graph.n_kv
     layers = {}
@@ -122,7 +123,7 @@ def build_table(config, regime: Regime, *, probe_layers: int = 8, rounds: int = 
     if torch.device(regime.device).type == "cpu" and regime.threads:
         torch.set_num_threads(regime.threads)
     reps = reps or (2 if regime.phase == "prefill" else 5)
-    dense = random_model(config, regime, seed)
+    dense = random_model(config, seed)
     graph = build_graph(dense)
     n_kv, per_group = graph.n_kv, graph.n_heads // graph.n_kv
     kinds = sorted(set(layer_kinds(graph)))
@@ -142,10 +143,10 @@ def build_table(config, regime: Regime, *, probe_layers: int = 8, rounds: int = 
     for name, (kind, attention, ffn) in specs.items():
         calls[name] = TimedCall(probe(config, regime, n, kind, attention, ffn, seed), regime, stack=True)
         bar.update()
-    empty = random_model(_config_for(config, 0, kinds[0], PROBE_VOCAB), regime, seed).to(regime.device,
+    empty = random_model(_config_for(config, 0, kinds[0], PROBE_VOCAB), seed).to(regime.device,
                                                                                         regime.torch_dtype)
     calls["stack/empty"] = TimedCall(empty, regime, stack=True)
-    base = random_model(_config_for(config, 0, kinds[0], None), regime, seed).to(regime.device, regime.torch_dtype)
+    base = random_model(_config_for(config, 0, kinds[0], None), seed).to(regime.device, regime.torch_dtype)
     calls["base"] = TimedCall(base, regime)
     bar.update(2)
     if check_dense:

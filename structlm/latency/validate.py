@@ -66,7 +66,7 @@ def validate_table(table: LatencyTable, config, *, plans: dict | None = None, ro
     """Predicted vs measured latency and speedup of the dense model and ``plans`` (default:
     :func:`validation_plans`) on random weights in ``config``'s shape, in the table's regime."""
     regime = table.regime
-    dense = random_model(config, regime)
+    dense = random_model(config)
     graph = build_graph(dense)
     plans = plans if plans is not None else validation_plans(graph, align=table.data["ffn"].get("align", 8))
     variants = {"dense": dense}

@@ -493,8 +493,7 @@ def allocate(graph: Graph, scores: dict, target, *, allocation: str = "uniform",
         """The error for an unreachable target: how far these settings can go, and what reaches further."""
         deepest = deepest_cost(hidden) / dense_cost
         if target.is_latency:
-            reach = dense_cost / (deepest * dense_cost)
-            fixes = [f"a milder target (speedup={math.floor(reach * 100) / 100:g} or less, or "
+            fixes = [f"a milder target (speedup={math.floor(100 / deepest) / 100:g} or less, or "
                      f"latency_ms={math.ceil(deepest * dense_cost * 100) / 100:g} or more)",
                      "a layer method (shortgpt, finercut) or ziplm, which remove whole sublayers"]
         else:
