@@ -8,8 +8,8 @@ import torch
 
 from ..families import get_adapter
 from ..families.base import FamilyAdapter, Proj
-from .model import (ATTENTION, BLOCK, FFN, FFN_CHANNEL, HIDDEN_CHANNEL, KV_GROUP, QUERY_HEAD, Graph,
-                    Group, Member)
+from .model import (ATTENTION, BLOCK, FFN, FFN_CHANNEL, HIDDEN_CHANNEL, KV_GROUP, QK_CHANNEL, QUERY_HEAD,
+                    V_CHANNEL, Graph, Group, Member)
 from .render import layer_ranges
 
 
@@ -250,6 +250,7 @@ class _Builder:
                    + [self.in_member(o, 0, rep * hd)])
             kvg = self.group(KV_GROUP, i, KV, kvm, attn_flops_coeff=4 * hd * rep, window=window)
             groups.append(kvg)
+            groups += self.channel_groups(i, q, k, v, o, H, KV, hd, window)
             qkn = ad.qk_norms(i)
             attn_params = self.unique([q.weight, q.bias, k.weight, k.bias, v.weight, v.bias, o.weight, o.bias] + qkn)
             attn_shared = self.unique([o.bias] + qkn)
@@ -304,6 +305,32 @@ class _Builder:
         if I:
             hidden_members += [self.in_member(p, 0, 1) for p in fin]
             hidden_members += self.out_members(fout, 0, 1)
+        return groups
+
+    def channel_groups(self, i, q: Proj, k: Proj, v: Proj, o: Proj, H: int, KV: int, hd: int, window) -> list[Group]:
+        """Head-dimension units of layer ``i``, one group per KV group ``g`` (named ``kv<g>``).
+
+        ``qk_channel``: with RoPE one rotary pair (d, d + hd/2) of the group's key head and of
+        each of its query heads (q_proj and k_proj rows; RoPE rotates pairs, so a pair is the
+        unit and the kept pairs keep their frequencies); with learned positions a single dim.
+        Families with q/k norms over the head dim (Qwen3, Gemma 3) get none: removing a dim
+        changes the norm of the others (nor do partial rotary embeddings; see
+        ``FamilyAdapter.qk_channel_refusal``).  ``v_channel``: one dim of the group's value head
+        (v_proj row) and the matching o_proj input column of every query head in the group."""
+        ad = self.ad
+        rep = H // KV
+        rope = ad.positions == "rope"
+        groups = []
+        for g in range(KV):
+            heads = range(g * rep, (g + 1) * rep)
+            if not ad.qk_channel_refusal:
+                halves = (0, hd // 2) if rope else (0,)
+                qk = [mem for h in heads for half in halves for mem in self.out_members(q, h * hd + half, 1)]
+                qk += [mem for half in halves for mem in self.out_members(k, g * hd + half, 1)]
+                groups.append(self.group(QK_CHANNEL, i, hd // 2 if rope else hd, qk, name=f"kv{g}",
+                                         attn_flops_coeff=2 * len(halves) * rep, window=window))
+            vm = self.out_members(v, g * hd, 1) + [self.in_member(o, h * hd, 1) for h in heads]
+            groups.append(self.group(V_CHANNEL, i, hd, vm, name=f"kv{g}", attn_flops_coeff=2 * rep, window=window))
         return groups
 
     def build(self) -> Graph:
