@@ -58,28 +58,36 @@ class Zero(nn.Module):
 PLACEHOLDERS = {"attention": RemovedAttention, "zero": Zero, "identity": nn.Identity}
 
 
-class ScatterOutput:
-    """Forward hook: put a narrow projection's outputs at ``index`` of a zero tensor ``size`` wide."""
+class _Index:
+    """Kept positions as a plain list, turned into a tensor on the device that needs it (layouts are
+    applied while ``from_pretrained`` builds the model on the ``meta`` device)."""
 
     def __init__(self, index, size):
-        self.index = torch.as_tensor(index, dtype=torch.long)
+        self.positions = [int(i) for i in index]
         self.size = int(size)
+        self._tensors = {}
+
+    def on(self, device):
+        t = self._tensors.get(device)
+        if t is None:
+            t = self._tensors[device] = torch.tensor(self.positions, dtype=torch.long, device=device)
+        return t
+
+
+class ScatterOutput(_Index):
+    """Forward hook: put a narrow projection's outputs at ``index`` of a zero tensor ``size`` wide."""
 
     def __call__(self, module, args, output):
         full = output.new_zeros(*output.shape[:-1], self.size)
-        return full.index_copy_(-1, self.index.to(output.device), output)
+        return full.index_copy_(-1, self.on(output.device), output)
 
 
-class GatherInput:
+class GatherInput(_Index):
     """Forward pre-hook: keep only the input columns at ``index`` (the projection's kept inputs)."""
-
-    def __init__(self, index, size):
-        self.index = torch.as_tensor(index, dtype=torch.long)
-        self.size = int(size)
 
     def __call__(self, module, args):
         x = args[0]
-        return (x.index_select(-1, self.index.to(x.device)),) + tuple(args[1:])
+        return (x.index_select(-1, self.on(x.device)),) + tuple(args[1:])
 
 
 def _set_channel_map(module, spec):

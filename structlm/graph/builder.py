@@ -95,6 +95,14 @@ def build_graph(model_or_config, *, adapter: FamilyAdapter | None = None, per_la
         get_adapter(config)  # fail early and clearly for unsupported models
         model = _meta_model(config)
     shapes = param_shapes(model)
+    layout = getattr(model, "structlm_layout", None) or getattr(config, "structlm", None) or {}
+    if layout.get("channel_maps"):
+        dims = sorted({(int(r.get("qk_head_dim", 0)), int(r.get("v_head_dim", 0))) for r in layout.get("layers", [])})
+        raise GraphBuildError(
+            f"this model's attention head dims were pruned (q/k, v head dims per layer: "
+            f"{', '.join(f'{q}/{v}' for q, v in dims)}): structlm graphs describe full-width heads only, so it "
+            f"cannot be described or pruned again. Prune the original model with a harsher target instead; "
+            f"its plan.json lists what was kept.")
     ad = (adapter or get_adapter(config)).bind(shapes, layer_counts(model))
     if _differs_from_config(ad) and not per_layer_shapes:
         raise GraphBuildError(
