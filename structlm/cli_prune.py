@@ -152,9 +152,9 @@ def _method_options(args) -> dict:
     from .methods._width import method_options
 
     options = method_options(args)
+    if args.method in ("ziplm", "modegpt") and args.align is not None:   # their FFN widths are fitted at it
+        options["align"] = args.align
     if args.method == "ziplm":   # its own flags: the alignment is its FFN step, and its level database
-        if args.align is not None:
-            options["align"] = args.align
         if args.levels is not None:
             options["levels"] = str(args.levels)
         if args.save_levels is not None:

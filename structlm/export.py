@@ -67,7 +67,7 @@ def stock_config(model):
     info = getattr(model, "structlm_layout", None)
     if info is None:
         return model.config
-    if info["placeholders"]:
+    if info["placeholders"] or info.get("channel_maps"):   # removed sublayers, pruned head dims
         return None
     shapes = {(r["heads"], r["kv_heads"], r["ffn"]) for r in info["layers"]}
     if len(shapes) != 1:
@@ -109,6 +109,8 @@ def heterogeneous_config(model) -> tuple[object, dict]:
     layout = {"version": 1, "family": info["family"], "layers": info["layers"],
               "placeholders": info["placeholders"], "module_attrs": info["module_attrs"],
               "param_shapes": {n: list(s) for n, s in target.items() if stock[n] != s}}
+    if info.get("channel_maps"):   # head dims pruned (qk/v channels): scatter/gather maps
+        layout["channel_maps"] = info["channel_maps"]
     base.structlm = layout
     base.auto_map = {"AutoModelForCausalLM": f"{REMOTE_FILE[:-3]}.{_remote_class_name(model)}"}
     return base, layout

@@ -8,7 +8,13 @@ A *layout* is plain JSON saved as ``config.structlm`` in heterogeneous checkpoin
   attention module with fewer heads); the key ``config`` holds fields of a per-module config copy;
 * ``placeholders``: module name -> ``"attention"`` | ``"zero"`` | ``"identity"`` for removed
   sublayers: an attention that contributes nothing, a module whose output is zeros, a norm
-  that is no longer needed.
+  that is no longer needed;
+* ``channel_maps``: module name -> ``{"out_index": [...], "out_size": n}`` for a q/k/v projection
+  (or fused qkv tensor) that lost head dims (MoDeGPT's q/k rotary pairs, v dims): its narrow
+  output is scattered into ``out_size`` positions (zeros elsewhere), the width the stock
+  attention views as heads x head_dim, so the kept rotary pairs keep their frequencies and the
+  attention scale stays 1/sqrt(original head_dim); ``{"in_index": [...], "in_size": n}`` for the
+  output projection, which reads only its kept input columns.
 
 This file is self-contained (torch and transformers only): its source is copied into every
 heterogeneous checkpoint as the remote code, so such checkpoints load with
@@ -50,6 +56,48 @@ class Zero(nn.Module):
 
 
 PLACEHOLDERS = {"attention": RemovedAttention, "zero": Zero, "identity": nn.Identity}
+
+
+class _Index:
+    """Kept positions as a plain list, turned into a tensor on the device that needs it (layouts are
+    applied while ``from_pretrained`` builds the model on the ``meta`` device)."""
+
+    def __init__(self, index, size):
+        self.positions = [int(i) for i in index]
+        self.size = int(size)
+        self._tensors = {}
+
+    def on(self, device):
+        t = self._tensors.get(device)
+        if t is None:
+            t = self._tensors[device] = torch.tensor(self.positions, dtype=torch.long, device=device)
+        return t
+
+
+class ScatterOutput(_Index):
+    """Forward hook: put a narrow projection's outputs at ``index`` of a zero tensor ``size`` wide."""
+
+    def __call__(self, module, args, output):
+        full = output.new_zeros(*output.shape[:-1], self.size)
+        return full.index_copy_(-1, self.on(output.device), output)
+
+
+class GatherInput(_Index):
+    """Forward pre-hook: keep only the input columns at ``index`` (the projection's kept inputs)."""
+
+    def __call__(self, module, args):
+        x = args[0]
+        return (x.index_select(-1, self.on(x.device)),) + tuple(args[1:])
+
+
+def _set_channel_map(module, spec):
+    for handle in getattr(module, "_structlm_channel_hooks", ()):
+        handle.remove()
+    if "out_index" in spec:
+        handles = [module.register_forward_hook(ScatterOutput(spec["out_index"], spec["out_size"]))]
+    else:
+        handles = [module.register_forward_pre_hook(GatherInput(spec["in_index"], spec["in_size"]))]
+    module._structlm_channel_hooks = handles
 
 
 def _set_module(model, name, module):
@@ -105,4 +153,6 @@ def apply_layout(model, layout):
                     setattr(module.config, key, val)
             else:
                 setattr(module, attr, value)
+    for name, spec in layout.get("channel_maps", {}).items():
+        _set_channel_map(model.get_submodule(name), spec)
     return model

@@ -17,6 +17,13 @@ must keep the same number of its heads), ``ffn_channels`` kept FFN channels, ``a
 ``ffn`` false to remove the whole sublayer.  ``removed_blocks`` lists whole blocks removed;
 ``hidden_channels`` the kept residual channels (null = all).
 
+Head-dimension units (MoDeGPT): ``qk_channels`` / ``v_channels`` map each kept KV group (a JSON
+key "0", "1", ...) to its kept ``qk_channel`` / ``v_channel`` indices (graph units: a rotary pair
+``d`` = dims (d, d + head_dim/2) of the group's q and k heads, or one dim with learned
+positions; a v dim with the o_proj columns of the group's query heads).  When present, every
+kept KV group of the layer is listed, with the same count in each.  ``qk_channels`` is refused on
+families whose q/k norms act over the head dim (Qwen3, Gemma 3).
+
 Optional ``updates`` (weight reconstruction: ZipLM's re-fitted projections, FLAP's bias
 compensation): ``{param name: tensor}``, new values of surviving parameters in the *shrunk*
 coordinates (the shape the parameter has after ``shrink``).  They are saved beside ``plan.json``
@@ -54,12 +61,17 @@ class LayerPlan:
     ffn_channels: list[int] | None = None
     attention: bool = True
     ffn: bool = True
+    qk_channels: dict[int, list[int]] | None = None
+    v_channels: dict[int, list[int]] | None = None
 
     def to_dict(self) -> dict:
         d = {}
         for key in ("kv_groups", "query_heads", "ffn_channels"):
             if getattr(self, key) is not None:
                 d[key] = sorted(int(i) for i in getattr(self, key))
+        for key in ("qk_channels", "v_channels"):
+            if getattr(self, key) is not None:
+                d[key] = {str(g): sorted(int(i) for i in kept) for g, kept in sorted(getattr(self, key).items())}
         if not self.attention:
             d["attention"] = False
         if not self.ffn:
@@ -132,10 +144,15 @@ class PrunePlan:
             if not isinstance(lp, dict):
                 raise PlanError(f"layer {key}: must be an object like {{\"ffn_channels\": [...], \"attention\": false}}, "
                                 f"not {lp!r}")
-            bad = set(lp) - {"kv_groups", "query_heads", "ffn_channels", "attention", "ffn"}
+            bad = set(lp) - {"kv_groups", "query_heads", "ffn_channels", "attention", "ffn", "qk_channels",
+                             "v_channels"}
             if bad:
                 raise PlanError(f"layer {key}: unknown keys {sorted(bad)} (allowed: kv_groups, query_heads, "
-                                f"ffn_channels, attention, ffn)")
+                                f"ffn_channels, qk_channels, v_channels, attention, ffn)")
+            lp = dict(lp)
+            for chan in ("qk_channels", "v_channels"):
+                if lp.get(chan) is not None:
+                    lp[chan] = _check_channel_map(f"layer {key} {chan}", lp[chan])
             for flag in ("attention", "ffn"):
                 if flag in lp and not isinstance(lp[flag], bool):
                     raise PlanError(f"layer {key} {flag}: must be true or false, not {lp[flag]!r}")
@@ -238,6 +255,7 @@ class PrunePlan:
                                     f"attention needs the same number in every kept group")
                 if lp.attention and not lp.query_heads:
                     raise PlanError(f"{where}: no query head kept; remove the attention sublayer instead")
+            self._validate_channels(graph, i, lp)
             if lp.ffn_channels is not None:
                 _check_indices(f"{where} ffn_channels", lp.ffn_channels, graph.intermediate)
                 if not lp.ffn_channels and lp.ffn:
@@ -251,6 +269,50 @@ class PrunePlan:
         if self.updates:
             self._validate_updates(graph)
         return self
+
+    def _validate_channels(self, graph: Graph, i: int, lp: LayerPlan) -> None:
+        where = f"layer {i}"
+        for key, kind in (("qk_channels", "qk_channel"), ("v_channels", "v_channel")):
+            chans = getattr(lp, key)
+            if chans is None or not lp.attention:
+                continue
+            if not graph.groups_of(kind, i):
+                if kind == "qk_channel" and graph.config.get("qk_channel_refusal"):
+                    raise PlanError(f"{where}: {graph.config['qk_channel_refusal']}")
+                raise PlanError(f"{where}: the graph has no {kind} units")
+            kept_groups = self.kept_kv_groups(graph, i)
+            if sorted(chans) != kept_groups:
+                raise PlanError(f"{where} {key}: lists KV groups {sorted(chans)}, the layer keeps {kept_groups}; "
+                                f"give the kept channels of every kept KV group")
+            size = graph.channel_group(kind, i, kept_groups[0]).count
+            for g, kept in chans.items():
+                _check_indices(f"{where} {key} group {g}", kept, size)
+            counts = {g: len(kept) for g, kept in chans.items()}
+            if len(set(counts.values())) > 1:
+                raise PlanError(f"{where} {key}: kept channels per KV group differ ({counts}); every KV group "
+                                f"of a layer keeps the same number")
+            if not next(iter(counts.values())):
+                raise PlanError(f"{where} {key}: no channel kept; remove the attention sublayer instead "
+                                f"(\"attention\": false)")
+
+    def kept_channels(self, graph: Graph, i: int, kind: str, kv_group: int) -> list[int]:
+        """Kept ``qk_channel`` / ``v_channel`` indices of one kept KV group (all when the plan is silent)."""
+        chans = getattr(self.layer(i), "qk_channels" if kind == "qk_channel" else "v_channels")
+        if chans is not None and kv_group in chans:
+            return sorted(chans[kv_group])
+        gs = [g for g in graph.groups_of(kind, i) if g.name == f"kv{kv_group}"]
+        return list(range(gs[0].count)) if gs else []
+
+    def head_dims(self, graph: Graph, i: int) -> tuple[int, int]:
+        """(q/k head dim, v head dim) of layer ``i`` after the plan (the original head_dim when kept)."""
+        groups = self.kept_kv_groups(graph, i)
+        if not groups:
+            return 0, 0
+        g = groups[0]
+        qk = graph.groups_of("qk_channel", i)
+        per = graph.head_dim // qk[0].count if qk else 1
+        qk_dim = per * len(self.kept_channels(graph, i, "qk_channel", g)) if qk else graph.head_dim
+        return qk_dim, len(self.kept_channels(graph, i, "v_channel", g))
 
     def shrunk_shapes(self, graph: Graph) -> dict[str, tuple[int, ...]]:
         """The shape every surviving parameter of the graph has after the plan (removed ones left out)."""
@@ -321,7 +383,8 @@ class PrunePlan:
                          "attention": not removed and self.layer(i).attention,
                          "ffn": not removed and self.layer(i).ffn,
                          "heads": len(self.kept_heads(graph, i)), "kv_heads": len(self.kept_kv_groups(graph, i)),
-                         "ffn_channels": len(self.kept_ffn(graph, i))})
+                         "ffn_channels": len(self.kept_ffn(graph, i)),
+                         "qk_head_dim": self.head_dims(graph, i)[0], "v_head_dim": self.head_dims(graph, i)[1]})
         return rows
 
     def cost(self, graph: Graph) -> dict:
@@ -343,6 +406,9 @@ class PrunePlan:
             heads, groups = len(self.kept_heads(graph, i)), len(self.kept_kv_groups(graph, i))
             attn_p = groups * kv.params_per_unit - (groups * per_group - heads) * qh.params_per_unit
             attn_f = groups * kv.flops_per_token_per_unit - (groups * per_group - heads) * qh.flops_per_token_per_unit
+            chan_p, chan_f = self._channel_cost(graph, i)
+            attn_p -= chan_p
+            attn_f -= chan_f
             ffn_p = len(self.kept_ffn(graph, i)) * ffn.params_per_unit
             ffn_f = len(self.kept_ffn(graph, i)) * ffn.flops_per_token_per_unit
             dense_flops += graph.n_kv * kv.flops_per_token_per_unit + graph.intermediate * ffn.flops_per_token_per_unit
@@ -365,6 +431,30 @@ class PrunePlan:
                 "flops_ratio": (flops + lm_flops * hidden_scale) / (dense_flops + lm_flops),
                 "dense_params": acc["total"]}
 
+    def _channel_cost(self, graph: Graph, i: int) -> tuple[int, int]:
+        """Parameters and FLOPs/token of the head-dimension units the plan removes in layer ``i``,
+        counting only the rows/columns of kept query heads (a removed head's are already gone)."""
+        lp = self.layer(i)
+        if (lp.qk_channels is None and lp.v_channels is None) or not lp.attention or i in self.removed_blocks:
+            return 0, 0
+        per_group = graph.n_heads // graph.n_kv
+        kept_heads = set(self.kept_heads(graph, i))
+        params = flops = 0
+        for g in self.kept_kv_groups(graph, i):
+            h = sum(1 for q in range(g * per_group, (g + 1) * per_group) if q in kept_heads)
+            if lp.qk_channels is not None:
+                grp = graph.channel_group("qk_channel", i, g)
+                n = grp.count - len(lp.qk_channels[g])   # a unit is the same rows of k and each q head
+                params += n * grp.params_per_unit * (h + 1) // (per_group + 1)
+                flops += n * grp.flops_per_token_per_unit * (h + 1) // (per_group + 1)
+            if lp.v_channels is not None:
+                grp = graph.channel_group("v_channel", i, g)
+                n = grp.count - len(lp.v_channels[g])    # a unit is one v row + one o column per q head
+                o_col = graph.hidden
+                params += n * (grp.params_per_unit - (per_group - h) * o_col)
+                flops += n * (grp.flops_per_token_per_unit - 2 * (per_group - h) * o_col)
+        return params, flops
+
     def summary_text(self, graph: Graph) -> str:
         cost = self.cost(graph)
         lines = [f"plan for {graph.family}: {cost['params']:,} of {cost['dense_params']:,} parameters kept "
@@ -378,6 +468,8 @@ class PrunePlan:
                 text = "block removed"
             else:
                 attn = f"{row['heads']}q/{row['kv_heads']}kv" if row["attention"] else "removed"
+                if row["attention"] and (row["qk_head_dim"], row["v_head_dim"]) != (graph.head_dim, graph.head_dim):
+                    attn += f" d{row['qk_head_dim']}/{row['v_head_dim']}"
                 ffn = f"{row['ffn_channels']}" if row["ffn"] else "removed"
                 text = f"{attn:<14}  {ffn:<12}"
             if runs and runs[-1][2] == text:
@@ -388,6 +480,22 @@ class PrunePlan:
             span = f"{first}" if first == last else f"{first}-{last}"
             lines.append(f"{span:>7}  {text}")
         return "\n".join(lines)
+
+
+def _check_channel_map(what: str, value) -> dict[int, list[int]]:
+    """{"KV group": [kept channel indices]} -> {int: list}, type-checked."""
+    if not isinstance(value, dict):
+        raise PlanError(f"{what}: must be an object {{\"KV group\": [kept channels]}}, e.g. {{\"0\": [0, 3], "
+                        f"\"1\": [1, 2]}}, not {value!r}")
+    out = {}
+    for g, kept in value.items():
+        if isinstance(g, int) and not isinstance(g, bool):
+            g = str(g)
+        if not (isinstance(g, str) and g.strip().isdigit()):
+            raise PlanError(f"{what}: key {g!r} must be a KV group number")
+        _check_int_list(f"{what} group {g}", kept)
+        out[int(g)] = list(kept)
+    return out
 
 
 def _check_int_list(what: str, values) -> None:

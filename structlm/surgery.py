@@ -38,6 +38,7 @@ def removed_units(plan: PrunePlan, graph):
             units += [kv.unit(g) for g in range(graph.n_kv) if g not in kept_groups]
             qh = graph.group("query_head", i)
             units += [qh.unit(h) for h in range(graph.n_heads) if h // per_group in kept_groups and h not in kept_heads]
+            units += channel_units(plan, graph, i)
         if not lp.ffn:
             units.append(graph.group("ffn", i))
         elif lp.ffn_channels is not None:
@@ -49,6 +50,66 @@ def removed_units(plan: PrunePlan, graph):
         kept = set(plan.hidden_channels)
         units += [hidden.unit(c) for c in range(graph.hidden) if c not in kept]
     return units
+
+
+def channel_units(plan: PrunePlan, graph, i: int) -> list:
+    """The ``qk_channel`` / ``v_channel`` units the plan removes in layer ``i`` (kept KV groups only)."""
+    lp = plan.layer(i)
+    units = []
+    for key, kind in (("qk_channels", "qk_channel"), ("v_channels", "v_channel")):
+        chans = getattr(lp, key)
+        if chans is None or not lp.attention or i in plan.removed_blocks:
+            continue
+        for g in plan.kept_kv_groups(graph, i):
+            grp = graph.channel_group(kind, i, g)
+            kept = set(chans[g])
+            units += [grp.unit(c) for c in range(grp.count) if c not in kept]
+    return units
+
+
+def channel_maps(plan: PrunePlan, graph, adapter) -> dict[str, dict]:
+    """Where head-dimension pruning leaves attention projections narrower than their heads.
+
+    For each q/k/v projection (or fused qkv tensor) that lost rows to ``qk_channel`` /
+    ``v_channel`` units: ``{"out_index": [...], "out_size": n}``, the positions of its kept rows
+    inside the output it would have with only the plan's head/group removals (the width the
+    stock attention code views as heads x head_dim); for the output projection
+    ``{"in_index": [...], "in_size": n}`` likewise for its input columns.  The layout scatters
+    the narrow output back into that width (zeros at removed dims: q.k and attention x v see
+    exactly what the masked model computes) and gathers o_proj's kept inputs.  Keys are module
+    names (original layer numbers)."""
+    maps: dict[str, dict] = {}
+    for i in range(graph.n_layers):
+        units = channel_units(plan, graph, i)
+        if not units:
+            continue
+        head_units = [graph.group("kv_group", i).unit(g) for g in range(graph.n_kv)
+                      if g not in set(plan.kept_kv_groups(graph, i))]
+        kept_heads = set(plan.kept_heads(graph, i))
+        qh = graph.group("query_head", i)
+        head_units += [qh.unit(h) for h in range(graph.n_heads) if h not in kept_heads]
+        gone_h: dict[tuple[str, int], set] = defaultdict(set)
+        gone_c: dict[tuple[str, int], set] = defaultdict(set)
+        for gone, us in ((gone_h, head_units), (gone_c, units)):
+            for u in us:
+                for name, dim, a, b in u.slices:
+                    gone[(name, dim)].update(range(a, b))
+        projs = [adapter.q(i), adapter.k(i), adapter.v(i)]
+        o = adapter.o(i)
+        shapes = {m.param: m.shape for g in graph.groups_of("attention", i) for m in g.members}
+        for p in projs + [o]:
+            if not p.weight.endswith(".weight"):
+                continue
+            dim = p.in_dim if p is o else p.out_dim
+            if (p.weight, dim) not in gone_c:
+                continue
+            n = shapes[p.weight][dim]
+            after_heads = [r for r in range(n) if r not in gone_h[(p.weight, dim)]]
+            position = {r: j for j, r in enumerate(after_heads)}
+            kept = [position[r] for r in after_heads if r not in gone_c[(p.weight, dim)]]
+            key = ("in" if p is o else "out")
+            maps[p.weight[:-len(".weight")]] = {f"{key}_index": kept, f"{key}_size": len(after_heads)}
+    return maps
 
 
 @torch.no_grad()
@@ -248,6 +309,9 @@ def shrink(model, plan: PrunePlan, graph=None, *, verbose: bool = False):
             model.tie_weights()
 
 
+    # 3b. head-dimension pruning: record which narrow projections scatter/gather (applied in 5)
+    maps = channel_maps(plan, graph, adapter)
+
     # 4. placeholders for removed sublayers, then delete removed blocks
     layers = _layer_container(model, adapter)
     apply_layout(model, {"placeholders": placeholders})
@@ -273,10 +337,15 @@ def shrink(model, plan: PrunePlan, graph=None, *, verbose: bool = False):
         if heads and (heads, kv_heads) != (graph.n_heads, graph.n_kv):
             name = adapter.layer_prefix.format(i=new_i) + f".{adapter.attn_module}"
             module_attrs[name] = attention_attrs(adapter, heads, kv_heads)
-    apply_layout(model, {"module_attrs": module_attrs})
+    maps = _renumber(maps, adapter, kept_layers)
+    apply_layout(model, {"module_attrs": module_attrs, "channel_maps": maps})
+    for row in rows:
+        row["qk_head_dim"], row["v_head_dim"] = plan.head_dims(graph, row["source_layer"])
     model.structlm_layout = {"family": graph.family, "layers": rows,
                              "placeholders": _renumber(placeholders, adapter, kept_layers),
                              "module_attrs": module_attrs}
+    if maps:
+        model.structlm_layout["channel_maps"] = maps
     model.structlm_plan = plan
     if verbose:
         print(f"structlm: shrunk in {time.perf_counter() - start:.2f} s")

@@ -9,8 +9,22 @@ from structlm.plan import LayerPlan, PrunePlan
 HIDDEN_FAMILIES = ("llama", "mistral", "qwen2", "phi3")  # RMSNorm without q/k norms: exact hidden pruning
 
 
-def random_plan(graph, rng: random.Random, hidden: bool = False) -> PrunePlan:
-    """Any mix of removed KV groups, query heads, FFN channels, sublayers, one block, hidden channels."""
+def random_channels(graph, rng: random.Random, lp: LayerPlan, layer: int) -> LayerPlan:
+    """Random kept qk_channel / v_channel indices (a different choice per KV group, the same
+    count in each) for the layer plan's kept KV groups; qk only where the graph has them."""
+    groups = lp.kv_groups if lp.kv_groups is not None else range(graph.n_kv)
+    for key, kind in (("qk_channels", "qk_channel"), ("v_channels", "v_channel")):
+        if not graph.groups_of(kind, layer) or rng.random() < 0.3:
+            continue
+        size = graph.groups_of(kind, layer)[0].count
+        keep = rng.randint(1, size)
+        setattr(lp, key, {g: sorted(rng.sample(range(size), keep)) for g in groups})
+    return lp
+
+
+def random_plan(graph, rng: random.Random, hidden: bool = False, channels: bool = False) -> PrunePlan:
+    """Any mix of removed KV groups, query heads, FFN channels, sublayers, one block, hidden channels
+    (and with ``channels`` head-dimension units: qk/v channels)."""
     per_group = graph.n_heads // graph.n_kv
     layers = {}
     for i in range(graph.n_layers):
@@ -26,6 +40,8 @@ def random_plan(graph, rng: random.Random, hidden: bool = False) -> PrunePlan:
                 groups = lp.kv_groups if lp.kv_groups is not None else range(graph.n_kv)
                 # a different choice of heads in every group, the same number in each
                 lp.query_heads = [g * per_group + j for g in groups for j in sorted(rng.sample(range(per_group), keep))]
+            if channels and rng.random() < 0.7:
+                random_channels(graph, rng, lp, i)
         r = rng.random()
         if r < 0.2:
             lp.ffn = False
@@ -60,6 +76,10 @@ def kind_plan(graph, kind: str, layer: int = 0) -> PrunePlan:
         return PrunePlan(removed_blocks=[layer])
     if kind == "hidden_channel":
         return PrunePlan(hidden_channels=[c for c in range(graph.hidden) if c % 4 != 1])
+    if kind in ("qk_channel", "v_channel"):   # every KV group keeps a different subset of the same size
+        size = (graph.groups_of(kind, layer) or graph.groups_of("v_channel", layer))[0].count
+        keep = {g: sorted({(g + 2 * j) % size for j in range(max(1, size // 2))}) for g in range(graph.n_kv)}
+        return PrunePlan(layers={layer: LayerPlan(**{kind + "s": keep})})
     raise ValueError(kind)
 
 

@@ -157,6 +157,28 @@ def test_base_model_and_default_dtype(tiny_folder, tmp_path):
     assert _save_dtype(argparse.Namespace(dtype="float16", model="smollm2-135m")) == torch.float16
 
 
+def test_modegpt_prune_reloads_with_the_in_memory_logits(tiny_folder, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from structlm import export
+    folder, text = tiny_folder
+    out = tmp_path / "m"
+    rc = cli.main(["prune", str(folder), "--method", "modegpt", "--target", "params=0.8", "--calib-data", str(text),
+                   "--eval-data", str(text), "--out", str(out), *PRUNE_FAST])
+    assert rc == 0, capsys.readouterr().err
+    assert "modegpt compress" in capsys.readouterr().err      # per-layer progress
+    report = json.loads((out / "report.json").read_text())
+    assert report["format"] == "heterogeneous" and report["stats"]["params_kept"] <= 0.8
+    assert report["after"]["perplexity"]["ppl"] > 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["structlm"]["channel_maps"]
+    ids = torch.randint(0, 100, (1, 12))
+    with torch.no_grad():
+        a = export.load(out)(ids).logits
+        b = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=True)(ids).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
 def test_ziplm_several_targets_one_scoring_pass_and_level_reuse(tiny_folder, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 

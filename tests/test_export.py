@@ -267,3 +267,85 @@ def test_model_card_of_a_heterogeneous_checkpoint(tmp_path):
     assert card.startswith("---\n") and 'pipeline_tag: "text-generation"' in card
     assert 'from_pretrained("het", trust_remote_code=True)' in card and "structlm.load" in card
     assert export.REMOTE_FILE in card
+
+
+def head_dim_plan(graph, seed=5) -> PrunePlan:
+    """Per-layer q/k and v head dims (different per layer, kept dims different per KV group),
+    with a removed KV group, a removed query head and FFN channels; q/k dims only where exact."""
+    import random
+
+    rng = random.Random(seed)
+    per_group = graph.n_heads // graph.n_kv
+    layers = {}
+    for i in range(graph.n_layers):
+        groups = list(range(graph.n_kv))[: max(1, graph.n_kv - (i == 0))]
+        heads = None
+        if per_group > 1 and i == 1:
+            heads = [g * per_group + j for g in groups for j in range(per_group - 1)]
+        lp = LayerPlan(kv_groups=groups if len(groups) < graph.n_kv else None, query_heads=heads,
+                       ffn_channels=sorted(rng.sample(range(graph.intermediate), graph.intermediate // 2)))
+        v_size = graph.channel_group("v_channel", i, 0).count
+        lp.v_channels = {g: sorted(rng.sample(range(v_size), max(1, v_size - 1 - i))) for g in groups}
+        if graph.groups_of("qk_channel", i):
+            qk_size = graph.channel_group("qk_channel", i, 0).count
+            lp.qk_channels = {g: sorted(rng.sample(range(qk_size), max(1, qk_size - 1 - (i % 2)))) for g in groups}
+        layers[i] = lp
+    return PrunePlan(layers=layers)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_layer_head_dims_round_trip(family, tmp_path):
+    """Pruned q/k and v head dims: a heterogeneous checkpoint whose reload (structlm.load) gives the
+    in-memory logits, which are the masked model's (kept rotary pairs keep their frequencies, the
+    attention scale stays 1/sqrt(original head_dim))."""
+    from structlm.graph import GraphBuildError
+
+    model = tiny_model(family, num_hidden_layers=3)
+    graph = build_graph(model)
+    plan = head_dim_plan(graph)
+    masked = surgery.mask(copy.deepcopy(model), plan, graph)
+    shrunk, ids, ref = save_pruned(family, head_dim_plan, tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(masked(ids).logits, ref, atol=1e-5, rtol=0)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    layout = config["structlm"]
+    assert json.loads((tmp_path / "m" / "report.json").read_text())["format"] == "heterogeneous"
+    dims = [(r["qk_head_dim"], r["v_head_dim"]) for r in layout["layers"]]
+    assert len(set(dims)) > 1 and all(v < graph.head_dim for _, v in dims)
+    assert layout["channel_maps"] and all(set(m) in ({"out_index", "out_size"}, {"in_index", "in_size"})
+                                          for m in layout["channel_maps"].values())
+    loaded = export.load(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ref, atol=1e-5, rtol=0)
+    assert loaded.generate(ids[:1], max_new_tokens=3, do_sample=False).shape[1] >= ids.shape[1] + 1
+    assert sum(p.numel() for p in loaded.parameters()) == plan.cost(graph)["params"]
+    with pytest.raises(GraphBuildError, match="head dims were pruned"):
+        build_graph(loaded)
+
+
+def test_head_dim_checkpoints_load_with_remote_code_without_structlm(tmp_path):
+    outs = []
+    for family in ("llama", "qwen3", "phi3", "gpt2"):
+        save_pruned(family, head_dim_plan, tmp_path / family)
+        outs.append(str(tmp_path / family))
+    script = BLOCK_STRUCTLM + textwrap.dedent(f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        for out in {outs!r}:
+            ref = torch.load(out + "/reference.pt")
+            model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+            with torch.no_grad():
+                err = (model(ref["ids"]).logits - ref["ref"]).abs().max().item()
+            model.generate(ref["ids"][:1], max_new_tokens=3, do_sample=False)
+            assert err < 1e-5, (out, err)
+            print("ok", out.rsplit("/", 1)[-1], err)
+        try:
+            import structlm
+            print("structlm importable")
+        except ImportError:
+            print("structlm blocked")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("ok ") == 4 and "structlm blocked" in proc.stdout

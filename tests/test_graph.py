@@ -122,7 +122,10 @@ def test_dataclasses_and_lookups():
     g = build_graph(tiny_model("qwen3"))
     assert isinstance(g, Graph) and all(isinstance(x, Group) for x in g.groups)
     assert all(isinstance(m, Member) for x in g.groups for m in x.members)
-    assert {x.kind for x in g.groups} == set(KINDS)
+    # q/k norms over the head dim: no qk_channel units, with the reason in the config
+    assert {x.kind for x in g.groups} == set(KINDS) - {"qk_channel"}
+    assert g.config["qk_channel"] is None and "q_norm/k_norm" in g.config["qk_channel_refusal"]
+    assert {x.kind for x in build_graph(tiny_model("llama")).groups} == set(KINDS)
     assert len(g.groups_of("ffn_channel")) == g.n_layers
     assert g.groups_of("ffn_channel", 1)[0].layer == 1
     assert g.count("query_head") == g.n_heads * g.n_layers
@@ -133,6 +136,25 @@ def test_dataclasses_and_lookups():
     assert set(acc["attention_shared"]) == {"model.layers.0.self_attn.q_norm.weight",
                                             "model.layers.0.self_attn.k_norm.weight"}
     assert not any("q_norm" in m.param for m in g.group("kv_group", 0).members)
+
+
+def test_head_dim_units():
+    """qk_channel d is the rotary pair (d, d + head_dim/2) of a KV group's k head and each of its q
+    heads; v_channel d is one v row with the o_proj column d of each of the group's q heads."""
+    g = build_graph(tiny_model("llama"))          # 9 heads / 3 KV heads, head_dim 8
+    qk, v = g.channel_group("qk_channel", 1, 2), g.channel_group("v_channel", 1, 2)
+    assert (qk.count, v.count) == (4, 8) and len(g.groups_of("qk_channel", 1)) == 3
+    rows = sorted((name.rsplit(".", 2)[-2], a) for name, dim, a, b in qk.unit(1).slices)
+    assert rows == [("k_proj", 17), ("k_proj", 21)] + [("q_proj", r) for r in (49, 53, 57, 61, 65, 69)]
+    cols = sorted((name.rsplit(".", 2)[-2], dim, a) for name, dim, a, b in v.unit(3).slices)
+    assert cols == [("o_proj", 1, 51), ("o_proj", 1, 59), ("o_proj", 1, 67), ("v_proj", 0, 19)]
+    assert qk.params_per_unit == 2 * (3 + 1) * 72 and v.params_per_unit == 72 + 3 * 72
+    assert "qk_channel x3" in g.summary_text() and "rotary pair" in g.summary_text()
+    gpt2 = build_graph(tiny_model("gpt2"))          # learned positions: single q/k dims
+    assert gpt2.config["qk_channel"] == "dim" and gpt2.channel_group("qk_channel", 0, 0).count == gpt2.head_dim
+    partial = build_graph(tiny_config("phi3", partial_rotary_factor=0.5))
+    assert not partial.groups_of("qk_channel") and partial.groups_of("v_channel")
+    assert "partial rotary" in partial.config["qk_channel_refusal"]
 
 
 def test_json_round_trip_and_dot():
@@ -199,15 +221,18 @@ def test_smollm2_cli_json(tmp_path, monkeypatch, capsys):
     d = json.loads(out.read_text())
     per_layer = {}
     for grp in d["groups"]:
-        per_layer.setdefault(grp["layer"], {})[grp["kind"]] = grp["count"]
+        kind = grp["kind"] + ("/" + grp["name"] if grp["kind"] in ("qk_channel", "v_channel") else "")
+        per_layer.setdefault(grp["layer"], {})[kind] = grp["count"]
     assert per_layer[None] == {"hidden_channel": 576}
-    for i in range(30):
+    for i in range(30):   # head dims: 32 rotary pairs and 64 v dims per KV group
         assert per_layer[i] == {"kv_group": 3, "query_head": 9, "ffn_channel": 1536, "attention": 1, "ffn": 1,
-                                "block": 1}
+                                "block": 1, **{f"qk_channel/kv{g}": 32 for g in range(3)},
+                                **{f"v_channel/kv{g}": 64 for g in range(3)}}
     assert d["accounting"]["total"] == 134_515_008
     assert cli_graph.run(argparse.Namespace(model="smollm2-135m", format="text", out=None)) == 0
     text = capsys.readouterr().out
     assert "ffn_channel" in text and "134,515,008" in text
+    assert "qk_channel x3" in text and "v_channel x3" in text
     assert cli_graph.run(argparse.Namespace(model="smollm2-135m", format="dot", out=None)) == 0
     assert capsys.readouterr().out.startswith("digraph")
 

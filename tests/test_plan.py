@@ -51,7 +51,7 @@ def test_a_plan_for_another_family_is_refused_and_an_empty_family_is_filled():
     assert result.plan.family == "llama"
 
 
-@pytest.mark.parametrize("method", ["flap", "shortgpt", "ziplm"])
+@pytest.mark.parametrize("method", ["flap", "shortgpt", "ziplm", "modegpt"])
 def test_non_finite_weights_stop_a_method_before_it_decides(method):
     model = tiny_model("llama", num_hidden_layers=3)
     with torch.no_grad():
@@ -59,4 +59,4 @@ def test_non_finite_weights_stop_a_method_before_it_decides(method):
     calib = torch.randint(0, model.config.vocab_size, (4, 16))
     target = "blocks=1" if method == "shortgpt" else "params=0.8"
     with pytest.raises(ValueError, match="not finite"):
-        get(method)(model, build_graph(model), target, calib, **({"progress": False} if method == "ziplm" else {}))
+        get(method)(model, build_graph(model), target, calib, **({"progress": False} if method in ("ziplm", "modegpt") else {}))

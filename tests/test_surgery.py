@@ -17,7 +17,9 @@ from structlm.models import count_parameters
 from structlm.plan import LayerPlan, PlanError, PrunePlan, align_count, align_kept, align_plan
 from tiny_models import FAMILIES, tiny_inputs, tiny_model
 
-KINDS = ("kv_group", "query_head", "ffn_channel", "attention", "ffn", "block", "hidden_channel")
+KINDS = ("kv_group", "query_head", "qk_channel", "v_channel", "ffn_channel", "attention", "ffn", "block",
+         "hidden_channel")
+QK_NORM_FAMILIES = ("qwen3", "gemma3")  # q/k norms over the head dim: qk_channel is refused
 
 
 def assert_shrink_equals_mask(model, plan, graph=None):
@@ -36,6 +38,11 @@ def test_every_unit_kind_in_every_family(family, kind):
     model = tiny_model(family, num_hidden_layers=3) if kind == "block" else tiny_model(family)
     graph = build_graph(model)
     plan = kind_plan(graph, kind, layer=1)
+    if kind == "qk_channel" and family in QK_NORM_FAMILIES:
+        for apply in (surgery.shrink, surgery.mask):
+            with pytest.raises(PlanError, match="qk_channel pruning is not exact on"):
+                apply(copy.deepcopy(model), plan, graph)
+        return
     if kind == "hidden_channel" and family not in HIDDEN_FAMILIES:
         with pytest.raises(PlanError, match="hidden-channel pruning is exact only for"):
             surgery.shrink(copy.deepcopy(model), plan, graph)
@@ -61,12 +68,50 @@ def test_random_plans_on_random_tiny_models(family, seed, layers):
     assert_shrink_equals_mask(model, plan, graph)
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(family=st.sampled_from(FAMILIES), seed=st.integers(0, 10_000), layers=st.integers(1, 3))
+def test_random_plans_with_head_dim_channels(family, seed, layers):
+    """qk/v channels mixed with removed groups, heads, FFN channels, sublayers, blocks and updates:
+    mask == shrink, and the dry-run parameter count is the shrunk model's."""
+    model = tiny_model(family, seed=seed % 7, num_hidden_layers=layers)
+    graph = build_graph(model)
+    rng = random.Random(seed)
+    plan = random_plan(graph, rng, channels=True)
+    if len(plan.removed_blocks) == graph.n_layers:
+        return
+    if seed % 2:
+        random_updates(plan, graph, rng)
+    shrunk = assert_shrink_equals_mask(model, plan, graph)
+    assert plan.cost(graph)["params"] == count_parameters(shrunk)
+
+
+def test_channel_plans_are_checked():
+    model = tiny_model("llama")
+    graph = build_graph(model)
+    size = graph.channel_group("qk_channel", 0, 0).count
+    bad = [({"qk_channels": {0: [0, 1], 1: [0], 2: [1]}}, "kept channels per KV group differ"),
+           ({"v_channels": {0: [0], 1: [0]}}, "lists KV groups"),
+           ({"qk_channels": {0: [size], 1: [0], 2: [0]}}, "out of range"),
+           ({"v_channels": {0: [], 1: [], 2: []}}, "no channel kept")]
+    for layer, message in bad:
+        with pytest.raises(PlanError, match=message):
+            PrunePlan(layers={0: LayerPlan(**layer)}).validate(graph)
+    with pytest.raises(PlanError, match="must be an object"):
+        PrunePlan.from_dict({"layers": {"0": {"qk_channels": [1, 2]}}})
+    plan = PrunePlan(layers={0: LayerPlan(kv_groups=[0, 2], qk_channels={0: [1, 2], 2: [0, 3]},
+                                          v_channels={0: [0, 1, 2], 2: [5, 6, 7]})})
+    again = PrunePlan.from_dict(plan.to_dict()).validate(graph)   # JSON keys are strings; they come back as ints
+    assert again.layer(0).qk_channels == {0: [1, 2], 2: [0, 3]}
+    assert again.head_dims(graph, 0) == (4, 3)
+    assert "d4/3" in again.summary_text(graph)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kind", [k for k in KINDS if k != "hidden_channel"] + ["hidden_channel"])
 def test_every_unit_kind_with_weight_updates(family, kind):
     model = tiny_model(family, num_hidden_layers=3) if kind == "block" else tiny_model(family)
     graph = build_graph(model)
-    if kind == "hidden_channel" and family not in HIDDEN_FAMILIES:
+    if (kind == "hidden_channel" and family not in HIDDEN_FAMILIES) or (kind == "qk_channel" and family in QK_NORM_FAMILIES):
         return
     plan = random_updates(kind_plan(graph, kind, layer=1), graph, random.Random(7), share=0.5)
     assert plan.updates

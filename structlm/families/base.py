@@ -243,5 +243,28 @@ class FamilyAdapter:
             or getattr(self.config, "activation_function", None),
             "layer_types": [self.layer_kind(i) for i in range(self.n_layers)],
             "sliding_window": max((self.layer_window(i) or 0) for i in range(self.n_layers)) or None,
-            "head_dim_prunable": self.positions != "rope",
-        }
+            # head-dimension units: qk_channel as RoPE pairs / single dims, or None (refused)
+            "qk_channel": None if self.qk_channel_refusal else ("rope_pair" if self.positions == "rope" else "dim"),
+        } | ({"qk_channel_refusal": self.qk_channel_refusal} if self.qk_channel_refusal else {})
+
+    @property
+    def rotary_fraction(self) -> float:
+        """The share of each head's dims that RoPE rotates (``partial_rotary_factor``; 1.0 for all)."""
+        params = getattr(self.config, "rope_parameters", None) or {}
+        values = [params] + [v for v in params.values() if isinstance(v, dict)]
+        factors = [float(v["partial_rotary_factor"]) for v in values if v.get("partial_rotary_factor") is not None]
+        own = getattr(self.config, "partial_rotary_factor", None)
+        return min(factors + ([float(own)] if own is not None else []) + [1.0])
+
+    @property
+    def qk_channel_refusal(self) -> str | None:
+        """Why ``qk_channel`` units (q/k head dims) cannot be pruned exactly here, or None."""
+        if self.qk_norm_modules:
+            return (f"qk_channel pruning is not exact on {self.family}: its "
+                    f"{'/'.join(self.qk_norm_modules)} normalise each head over all head_dim dims, so removing "
+                    f"a dim rescales the others; prune v_channels, heads or KV groups instead")
+        if self.positions == "rope" and self.rotary_fraction < 1.0:
+            return (f"qk_channel pruning is not supported with partial rotary embeddings "
+                    f"(partial_rotary_factor {self.rotary_fraction:g}): rotary pairs and unrotated dims would "
+                    f"need two kinds of unit; prune v_channels, heads or KV groups instead")
+        return None

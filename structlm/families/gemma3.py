@@ -20,5 +20,5 @@ class Gemma3Adapter(FamilyAdapter):
         "hidden-channel pruning keep the original scale, or the model changes.",
         "RMSNorm multiplies by (1 + weight): zeroing a norm weight does not zero its output; a "
         "masked hidden channel stays zero because its input is zero.",
-        "Head dims are not pruned (RoPE).",
+        "Head dims: v_channel only; qk_channel is refused (q_norm/k_norm normalise over all head dims).",
     )

@@ -20,7 +20,7 @@ class GPT2Adapter(FamilyAdapter):
     positions = "learned"
     ffn_kind = "mlp"
     notes = ("Conv1D weights are [in, out]: output features are dim 1.",
-             "No RoPE: head dims could be pruned (q/k dims together, v/o dims together); not done by default.")
+             "No RoPE: qk_channel units are single q/k dims; v_channel units are v/o dims.")
 
     @property
     def hidden(self):

@@ -8,7 +8,7 @@ from .base import FamilyAdapter
 class LlamaAdapter(FamilyAdapter):
     family = "llama"
     model_types = ("llama",)
-    notes = ("Head dims are not pruned: RoPE rotates pairs (d, d + head_dim/2) of each head.",)
+    notes = ("Head dims: qk_channel units are RoPE pairs (d, d + head_dim/2) of a KV group's heads; v_channel units are v/o dims.",)
 
     def layer_window(self, i):
         return None

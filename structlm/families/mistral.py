@@ -8,4 +8,4 @@ from .base import FamilyAdapter
 class MistralAdapter(FamilyAdapter):
     family = "mistral"
     model_types = ("mistral",)
-    notes = ("Head dims are not pruned (RoPE).",)
+    notes = ("Head dims: qk_channel units are RoPE pairs (d, d + head_dim/2); v_channel units are v/o dims.",)

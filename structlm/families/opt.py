@@ -25,7 +25,7 @@ class OPTAdapter(FamilyAdapter):
     ffn_kind = "mlp"
     notes = ("With do_layer_norm_before=False (post-LN, OPT-350m) a zeroed sublayer is not an identity: "
              "its LayerNorm still normalizes the residual stream.",
-             "No RoPE: head dims could be pruned; not done by default.")
+             "No RoPE: qk_channel units are single q/k dims; v_channel units are v/o dims.")
 
     def mlp(self, i):
         return self.layer(i)

@@ -9,7 +9,7 @@ class Phi3Adapter(FamilyAdapter):
     family = "phi3"
     model_types = ("phi3",)
     notes = ("qkv_proj rows are [q (heads*head_dim); k (kv*head_dim); v (kv*head_dim)]; gate_up_proj "
-             "rows are [gate (intermediate); up (intermediate)].", "Head dims are not pruned (RoPE).")
+             "rows are [gate (intermediate); up (intermediate)].", "Head dims: qk_channel units are RoPE pairs (d, d + head_dim/2); v_channel units are v/o dims.")
 
     def _qkv(self, i, offset, size):
         base = f"{self.attn(i)}.qkv_proj"

@@ -9,7 +9,7 @@ from .base import FamilyAdapter
 class Qwen2Adapter(FamilyAdapter):
     family = "qwen2"
     model_types = ("qwen2",)
-    notes = ("q/k/v biases are sliced with their rows.", "Head dims are not pruned (RoPE).")
+    notes = ("q/k/v biases are sliced with their rows.", "Head dims: qk_channel units are RoPE pairs (d, d + head_dim/2); v_channel units are v/o dims.")
 
     def layer_window(self, i):
         if not getattr(self.config, "use_sliding_window", False):

@@ -11,7 +11,7 @@ class Qwen3Adapter(FamilyAdapter):
     model_types = ("qwen3",)
     qk_norm_modules = ("q_norm", "k_norm")
     notes = ("q_norm/k_norm act on head_dim and are shared by all heads: they go with the attention "
-             "sublayer, not with a head.", "Head dims are not pruned (RoPE).")
+             "sublayer, not with a head.", "Head dims: v_channel only; qk_channel is refused (q_norm/k_norm normalise over all head dims).")
 
     def layer_window(self, i):
         if not getattr(self.config, "use_sliding_window", False):

@@ -8,8 +8,8 @@ import torch
 
 from ..families import get_adapter
 from ..families.base import FamilyAdapter, Proj
-from .model import (ATTENTION, BLOCK, FFN, FFN_CHANNEL, HIDDEN_CHANNEL, KV_GROUP, QUERY_HEAD, Graph,
-                    Group, Member)
+from .model import (ATTENTION, BLOCK, FFN, FFN_CHANNEL, HIDDEN_CHANNEL, KV_GROUP, QK_CHANNEL, QUERY_HEAD,
+                    V_CHANNEL, Graph, Group, Member)
 from .render import layer_ranges
 
 
@@ -95,6 +95,14 @@ def build_graph(model_or_config, *, adapter: FamilyAdapter | None = None, per_la
         get_adapter(config)  # fail early and clearly for unsupported models
         model = _meta_model(config)
     shapes = param_shapes(model)
+    layout = getattr(model, "structlm_layout", None) or getattr(config, "structlm", None) or {}
+    if layout.get("channel_maps"):
+        dims = sorted({(int(r.get("qk_head_dim", 0)), int(r.get("v_head_dim", 0))) for r in layout.get("layers", [])})
+        raise GraphBuildError(
+            f"this model's attention head dims were pruned (q/k, v head dims per layer: "
+            f"{', '.join(f'{q}/{v}' for q, v in dims)}): structlm graphs describe full-width heads only, so it "
+            f"cannot be described or pruned again. Prune the original model with a harsher target instead; "
+            f"its plan.json lists what was kept.")
     ad = (adapter or get_adapter(config)).bind(shapes, layer_counts(model))
     if _differs_from_config(ad) and not per_layer_shapes:
         raise GraphBuildError(
@@ -250,6 +258,7 @@ class _Builder:
                    + [self.in_member(o, 0, rep * hd)])
             kvg = self.group(KV_GROUP, i, KV, kvm, attn_flops_coeff=4 * hd * rep, window=window)
             groups.append(kvg)
+            groups += self.channel_groups(i, q, k, v, o, H, KV, hd, window)
             qkn = ad.qk_norms(i)
             attn_params = self.unique([q.weight, q.bias, k.weight, k.bias, v.weight, v.bias, o.weight, o.bias] + qkn)
             attn_shared = self.unique([o.bias] + qkn)
@@ -304,6 +313,32 @@ class _Builder:
         if I:
             hidden_members += [self.in_member(p, 0, 1) for p in fin]
             hidden_members += self.out_members(fout, 0, 1)
+        return groups
+
+    def channel_groups(self, i, q: Proj, k: Proj, v: Proj, o: Proj, H: int, KV: int, hd: int, window) -> list[Group]:
+        """Head-dimension units of layer ``i``, one group per KV group ``g`` (named ``kv<g>``).
+
+        ``qk_channel``: with RoPE one rotary pair (d, d + hd/2) of the group's key head and of
+        each of its query heads (q_proj and k_proj rows; RoPE rotates pairs, so a pair is the
+        unit and the kept pairs keep their frequencies); with learned positions a single dim.
+        Families with q/k norms over the head dim (Qwen3, Gemma 3) get none: removing a dim
+        changes the norm of the others (nor do partial rotary embeddings; see
+        ``FamilyAdapter.qk_channel_refusal``).  ``v_channel``: one dim of the group's value head
+        (v_proj row) and the matching o_proj input column of every query head in the group."""
+        ad = self.ad
+        rep = H // KV
+        rope = ad.positions == "rope"
+        groups = []
+        for g in range(KV):
+            heads = range(g * rep, (g + 1) * rep)
+            if not ad.qk_channel_refusal:
+                halves = (0, hd // 2) if rope else (0,)
+                qk = [mem for h in heads for half in halves for mem in self.out_members(q, h * hd + half, 1)]
+                qk += [mem for half in halves for mem in self.out_members(k, g * hd + half, 1)]
+                groups.append(self.group(QK_CHANNEL, i, hd // 2 if rope else hd, qk, name=f"kv{g}",
+                                         attn_flops_coeff=2 * len(halves) * rep, window=window))
+            vm = self.out_members(v, g * hd, 1) + [self.in_member(o, h * hd, 1) for h in heads]
+            groups.append(self.group(V_CHANNEL, i, hd, vm, name=f"kv{g}", attn_flops_coeff=2 * rep, window=window))
         return groups
 
     def build(self) -> Graph:

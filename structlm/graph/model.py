@@ -12,10 +12,14 @@ QUERY_HEAD = "query_head"
 KV_GROUP = "kv_group"
 FFN_CHANNEL = "ffn_channel"
 HIDDEN_CHANNEL = "hidden_channel"
+QK_CHANNEL = "qk_channel"
+V_CHANNEL = "v_channel"
 ATTENTION = "attention"
 FFN = "ffn"
 BLOCK = "block"
-KINDS = (QUERY_HEAD, KV_GROUP, FFN_CHANNEL, HIDDEN_CHANNEL, ATTENTION, FFN, BLOCK)
+KINDS = (QUERY_HEAD, KV_GROUP, QK_CHANNEL, V_CHANNEL, FFN_CHANNEL, HIDDEN_CHANNEL, ATTENTION, FFN, BLOCK)
+# head-dimension kinds: one group per (layer, KV group), named "kv<g>"
+CHANNEL_KINDS = (QK_CHANNEL, V_CHANNEL)
 SUBLAYER_KINDS = (ATTENTION, FFN, BLOCK)
 
 
@@ -240,6 +244,13 @@ class Graph:
         gs = [g for g in self.groups_of(kind, layer) if g.layer == layer and (kind != HIDDEN_CHANNEL or g.name == "residual")]
         if len(gs) != 1:
             raise KeyError(f"{len(gs)} groups of kind {kind!r} in layer {layer}")
+        return gs[0]
+
+    def channel_group(self, kind: str, layer: int, kv_group: int) -> Group:
+        """The ``qk_channel`` / ``v_channel`` group of one KV group of ``layer``."""
+        gs = [g for g in self.groups_of(kind, layer) if g.name == f"kv{kv_group}"]
+        if len(gs) != 1:
+            raise KeyError(f"{len(gs)} groups of kind {kind!r} for KV group {kv_group} in layer {layer}")
         return gs[0]
 
     def units(self, kind: str, layer: int | None = None):

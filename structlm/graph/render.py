@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from .model import ATTENTION, BLOCK, FFN, FFN_CHANNEL, HIDDEN_CHANNEL, KV_GROUP, QUERY_HEAD, Graph
+from .model import (ATTENTION, BLOCK, CHANNEL_KINDS, FFN, FFN_CHANNEL, HIDDEN_CHANNEL, KV_GROUP, QK_CHANNEL,
+                    QUERY_HEAD, V_CHANNEL, Graph)
 
-_LAYER_KINDS = (KV_GROUP, QUERY_HEAD, FFN_CHANNEL, ATTENTION, FFN, BLOCK)
+_LAYER_KINDS = (KV_GROUP, QUERY_HEAD, QK_CHANNEL, V_CHANNEL, FFN_CHANNEL, ATTENTION, FFN, BLOCK)
 
 
 def layer_ranges(idx: list[int]) -> str:
@@ -37,7 +38,12 @@ def summary_text(g: Graph) -> str:
     for layer in range(c["layers"]):
         cells = []
         for kind in _LAYER_KINDS:
-            for gr in g.groups_of(kind, layer):
+            grs = g.groups_of(kind, layer)
+            if kind in CHANNEL_KINDS and grs:  # one group per KV group, all alike: one line
+                gr = grs[0]
+                cells.append((f"{kind} x{len(grs)}", gr.count, gr.params_per_unit, gr.flops_per_token_per_unit))
+                continue
+            for gr in grs:
                 cells.append((kind, gr.count, gr.params_per_unit, gr.flops_per_token_per_unit))
         kind_name = c["layer_types"][layer] if c.get("layer_types") else ""
         window = g.groups_of(ATTENTION, layer)[0].window if g.groups_of(ATTENTION, layer) else None
@@ -55,8 +61,14 @@ def summary_text(g: Graph) -> str:
     for gr in g.groups_of(HIDDEN_CHANNEL):
         lines.append(f"    {HIDDEN_CHANNEL + '/' + gr.name:<24} {gr.count:>7} x {ppu_fmt(gr.params_per_unit)} params   "
                      f"{gr.flops_per_token_per_unit:>14,} FLOPs/token   ({len(gr.members)} member slices)")
-    totals = {k: g.count(k) for k in (QUERY_HEAD, KV_GROUP, FFN_CHANNEL, HIDDEN_CHANNEL, ATTENTION, FFN, BLOCK)}
+    totals = {k: g.count(k) for k in (QUERY_HEAD, KV_GROUP, QK_CHANNEL, V_CHANNEL, FFN_CHANNEL, HIDDEN_CHANNEL,
+                                      ATTENTION, FFN, BLOCK)}
     lines.append("totals: " + ", ".join(f"{v:,} {k}" for k, v in totals.items()))
+    qk_text = {"rope_pair": "a qk_channel is a rotary pair (d, d + head_dim/2) of the group's q and k heads",
+               "dim": "a qk_channel is one q/k dim of the group's heads (learned positions)"}.get(
+        c.get("qk_channel"), f"no qk_channel units ({c.get('qk_channel_refusal') or 'not described by this graph'})")
+    lines.append(f"  ({QK_CHANNEL} xN / {V_CHANNEL} xN: N groups, one per KV group, units counted per group; "
+                 f"{qk_text}; a v_channel is one v_proj row with the o_proj columns of the group's query heads)")
     a = g.accounting()
     lines.append("parameter accounting:")
     for k in ("embeddings", "position_embeddings", "embed_projections", "final_norm", "lm_head"):
@@ -108,7 +120,8 @@ def to_dot(g: Graph) -> str:
                 out.append(f"    {node_id(gr)} [label=\"{label(gr)}\"];")
         out.append("  }")
         ids = {k: node_id(g.groups_of(k, layer)[0]) for k in _LAYER_KINDS if g.groups_of(k, layer)}
-        for a, b in ((BLOCK, ATTENTION), (BLOCK, FFN), (ATTENTION, KV_GROUP), (KV_GROUP, QUERY_HEAD), (FFN, FFN_CHANNEL)):
+        for a, b in ((BLOCK, ATTENTION), (BLOCK, FFN), (ATTENTION, KV_GROUP), (KV_GROUP, QUERY_HEAD),
+                     (KV_GROUP, QK_CHANNEL), (KV_GROUP, V_CHANNEL), (FFN, FFN_CHANNEL)):
             if a in ids and b in ids:
                 out.append(f"  {ids[a]} -> {ids[b]} [label=contains];")
         for gr in g.groups_of(HIDDEN_CHANNEL):

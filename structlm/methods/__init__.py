@@ -12,7 +12,7 @@ import importlib
 from collections.abc import Callable
 
 _REGISTRY: dict[str, Callable] = {}
-_BUILTIN = ("last_blocks", "shortgpt", "sleb", "finercut", "magnitude", "wanda_sp", "flap", "llm_pruner", "ziplm")
+_BUILTIN = ("last_blocks", "shortgpt", "sleb", "finercut", "magnitude", "wanda_sp", "flap", "llm_pruner", "ziplm", "modegpt")
 
 
 class MethodOptionError(ValueError):
