@@ -66,7 +66,7 @@ def layer_criterion(study: dict, source: str, name: str, folder: Path) -> tuple[
     cb = fig.colorbar(im, ax=ax, pad=0.01)
     cb.set_label(f"importance{scale}")
     return _save(fig, folder / f"layers_{name}_{_tag(study, source)}.png"), \
-        f"{DESCRIPTIONS[name]}; the {k} least important units numbered from the least."
+        f"{DESCRIPTIONS[name]} ({study['sources'][source]['label']}); the {k} least important units numbered from the least."
 
 
 def removal_order(study: dict, source: str, graph, folder: Path) -> tuple[str, str]:
@@ -103,7 +103,7 @@ def heads(study: dict, source: str, name: str, folder: Path) -> tuple[str, str]:
     fig.suptitle(f"{m['name']}: {SHORT[name]} per head ({study['sources'][source]['label']})")
     fig.tight_layout()
     return _save(fig, folder / f"heads_{name}_{_tag(study, source)}.png"), \
-        f"{DESCRIPTIONS[name]}, per layer and query head (left) / KV group (right)."
+        f"{DESCRIPTIONS[name]} ({study['sources'][source]['label']}), per layer and query head (left) / KV group (right)."
 
 
 def ffn_distribution(study: dict, source: str, names: list[str], folder: Path) -> tuple[str, str]:
@@ -125,7 +125,7 @@ def ffn_distribution(study: dict, source: str, names: list[str], folder: Path) -
                  f"boxes 25-75%, whiskers 1-99%)")
     fig.tight_layout()
     return _save(fig, folder / f"ffn_channels_{_tag(study, source)}.png"), \
-        "Distribution of FFN channel importance in every layer, one panel per criterion."
+        f"Distribution of FFN channel importance in every layer, one panel per criterion ({study['sources'][source]['label']})."
 
 
 def cheapest(study: dict, source: str, names: list[str], folder: Path) -> tuple[str, str]:
@@ -139,6 +139,9 @@ def cheapest(study: dict, source: str, names: list[str], folder: Path) -> tuple[
         share = c["share"]
         ax.plot(range(m["n_layers"]), c["fraction_per_layer"], marker="o", ms=3, label=SHORT[name])
     ax.set_xlabel("layer")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("fraction of the layer's\nhead + FFN parameters")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
@@ -155,17 +158,20 @@ def data_dependence(study: dict, folder: Path) -> list[tuple[str, str]]:
     m = study["model"]
     sources = list(study["sources"])
     names = [c for c in LAYER_CRITERIA if all(c in study["sources"][s]["criteria"] for s in sources)]
+    from matplotlib.ticker import MaxNLocator
+
     figs = []
     if names:
         fig, axes = plt.subplots(len(names), 1, figsize=(7.5, 2.1 * len(names)), squeeze=False)
         for ax, name in zip(axes[:, 0], names):
-            for s in sources:
+            for j, s in enumerate(sources):
                 r = study["sources"][s]["criteria"][name]
                 for kind, style in (("block", "-"), ("attention", "-"), ("ffn", "--")):
                     if kind in r:
-                        ax.plot(range(m["n_layers"]), r[kind], style, marker="o", ms=2.5,
+                        ax.plot(range(m["n_layers"]), r[kind], style, color=f"C{j}", marker="o", ms=2.5,
                                 label=f"{study['sources'][s]['label']}" + ("" if kind == "block" else f" {kind}"))
             ax.set_ylabel(SHORT[name])
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if all(min(study["sources"][s]["criteria"][name].get(k, [1])) > 0 for s in sources
                    for k in ("block", "attention", "ffn") if k in study["sources"][s]["criteria"][name]):
                 ax.set_yscale("log")

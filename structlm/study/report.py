@@ -28,8 +28,10 @@ def blocks(study: dict, figs: dict) -> list[tuple]:
     b: list[tuple] = [("h1", f"Architecture study: {m['name']}")]
     b.append(("p", f"{m['family']} model, {m['params']:,} parameters, {m['n_layers']} layers, hidden {m['hidden']}, "
                    f"{m['heads']} query heads / {m['kv_heads']} KV groups of dimension {m['head_dim']}, FFN width "
-                   f"{m['intermediate']}. Calibration: {o['samples']} samples x {o['seq_len']} tokens (seed {o['seed']}) "
-                   f"from {', '.join(study['sources'][s]['label'] for s in sources)}. "
+                   f"{m['intermediate']}. Calibration: " + "; ".join(
+                   f"{study['sources'][s]['label']} {study['sources'][s]['calibration']['samples']} samples x "
+                   f"{study['sources'][s]['calibration']['seq_len']} tokens" for s in sources) +
+                   f" (seed {o['seed']}). "
                    f"For every criterion, higher means more important."))
     b.append(("h2", "Findings"))
     b.append(("ul", study["findings"]))

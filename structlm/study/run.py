@@ -26,7 +26,7 @@ CURVE_METHODS = LAYER_CURVE_METHODS + WIDTH_CURVE_METHODS
 DEFAULT_CURVES = ("finercut", "ziplm")
 DEFAULT_POINTS = (0.05, 0.1, 0.15, 0.2)
 
-DEFAULTS = dict(samples=16, seq_len=256, steps=8, seed=0, sleb_samples=8, taylor_samples=10, batch_size=8,
+DEFAULTS = dict(samples=16, seq_len=256, steps=4, seed=0, sleb_samples=4, taylor_samples=10, batch_size=8,
                 damp=0.01, eval_tokens=8192, eval_seq_len=1024)
 
 
