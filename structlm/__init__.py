@@ -20,6 +20,7 @@ _LAZY = {
     "LayerPlan": ("plan", "LayerPlan"),
     "mask": ("surgery", "mask"),
     "shrink": ("surgery", "shrink"),
+    "study": ("study", "study"),   # the package is callable too (structlm/study/__init__.py)
 }
 
 

@@ -12,7 +12,8 @@ import sys
 
 from . import __version__
 
-VERB_MODULES = ("structlm.cli_eval", "structlm.cli_graph", "structlm.cli_latency", "structlm.cli_prune")
+VERB_MODULES = ("structlm.cli_eval", "structlm.cli_graph", "structlm.cli_latency", "structlm.cli_prune",
+                "structlm.cli_study")
 EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143
 
 
@@ -67,9 +68,10 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from .data import DataError
     from .models import ModelNotFoundError
     from .outputs import OutputError
+    from .study.criteria import StudyError
 
     # ValueError covers PlanError, TargetError, UnsupportedArchitectureError and GraphBuildError
-    return AssetError, DataError, ModelNotFoundError, OutputError, ValueError, FileExistsError, FileNotFoundError
+    return AssetError, DataError, ModelNotFoundError, OutputError, StudyError, ValueError, FileExistsError, FileNotFoundError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,6 +69,39 @@ def compensation(weight: torch.Tensor, in_dim: int, mean: torch.Tensor, removed:
     return (w.T if in_dim == 0 else w) @ mean[idx]
 
 
+def flap_scores(model, graph, calib, layers, *, gqa: str = "kv_groups", metric: str = "WIFV", batch_size: int = 4,
+                kinds=None) -> tuple[dict, InputStats, dict]:
+    """FLAP's standardised unit scores {(kind, layer): [count]} of ``layers`` on ``calib`` [N, L],
+    with the input statistics and the output projections {layer: {"attention": o, "ffn": down}}
+    (for the bias compensation).  ``kinds``: the attention kinds to score (default: the ``gqa``
+    mode's); FFN channels are always scored."""
+    if metric not in METRICS:
+        raise WidthError(f"flap: unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    params = dict(model.named_parameters())
+    ad = get_adapter(model.config).bind({n: tuple(p.shape) for n, p in params.items()})
+    outs = {i: {"attention": ad.o(i), "ffn": ad.ffn_out(i)} for i in layers}
+    names = [p.weight.rpartition(".")[0] for i in layers for p in outs[i].values()]
+    with model_state_guard(model) as handles:
+        model.eval()
+        stats = InputStats(model, names).collect(calib, batch_size, handles)
+
+    attn_kinds = tuple(kinds) if kinds else (attention_kind(graph, gqa),)
+    per_group = graph.n_heads // graph.n_kv
+    hd = graph.head_dim
+    scores = {}
+    for i in layers:
+        o, down = outs[i]["attention"], outs[i]["ffn"]
+        om, dm = o.weight.rpartition(".")[0], down.weight.rpartition(".")[0]
+        a = channel_metric(params[o.weight], input_dim(model.get_submodule(om)), stats, om, metric).square()
+        a = _standardise(a)
+        for kind in attn_kinds:
+            width = per_group * hd if kind == "kv_group" else hd
+            scores[(kind, i)] = a.view(-1, width).mean(1)
+        f = channel_metric(params[down.weight], input_dim(model.get_submodule(dm)), stats, dm, metric)
+        scores[("ffn_channel", i)] = _standardise(f)
+    return scores, stats, outs
+
+
 @register("flap")
 @torch.no_grad()
 def flap(model, graph, target, calib, **options):
@@ -85,27 +118,10 @@ def flap(model, graph, target, calib, **options):
     check_reach(graph, target, gqa, layers, alloc, prune_hidden)
     if metric not in METRICS:
         raise WidthError(f"flap: unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    scores, stats, outs = flap_scores(model, graph, calib, layers, gqa=gqa, metric=metric, batch_size=batch_size)
     params = dict(model.named_parameters())
     ad = get_adapter(model.config).bind({n: tuple(p.shape) for n, p in params.items()})
-    outs = {i: {"attention": ad.o(i), "ffn": ad.ffn_out(i)} for i in layers}
-    names = [p.weight.rpartition(".")[0] for i in layers for p in outs[i].values()]
-    with model_state_guard(model) as handles:
-        model.eval()
-        stats = InputStats(model, names).collect(calib, batch_size, handles)
-
-    kind = attention_kind(graph, gqa)
-    per_group = graph.n_heads // graph.n_kv
     hd = graph.head_dim
-    scores = {}
-    for i in layers:
-        o, down = outs[i]["attention"], outs[i]["ffn"]
-        om, dm = o.weight.rpartition(".")[0], down.weight.rpartition(".")[0]
-        a = channel_metric(params[o.weight], input_dim(model.get_submodule(om)), stats, om, metric).square()
-        a = _standardise(a)
-        width = per_group * hd if kind == "kv_group" else hd
-        scores[(kind, i)] = a.view(-1, width).mean(1)
-        f = channel_metric(params[down.weight], input_dim(model.get_submodule(dm)), stats, dm, metric)
-        scores[("ffn_channel", i)] = _standardise(f)
 
     # new biases make the model larger (Llama: every projection of the kind gets one): budget for them
     can_bias = graph.family in BIAS_FLAGS or all(outs[i][k].bias for i in layers for k in ("attention", "ffn"))

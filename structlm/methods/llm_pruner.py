@@ -104,13 +104,15 @@ def checkpoint_layers(model, first: int, handles: list) -> None:
 
 def taylor_scores(model, graph, calib: torch.Tensor, layers: list[int], *, taylor: str = "param_first",
                   gqa: str = "kv_groups", aggregate: str = "sum", hidden: bool = False, loss_chunk: int = 32,
-                  checkpoint: bool = True, handles: list | None = None) -> tuple[dict, dict]:
+                  checkpoint: bool = True, handles: list | None = None, kinds=None) -> tuple[dict, dict]:
     """Unit scores from gradients of the LM loss on ``calib`` [S, L] (one sample at a time).
-    Call inside :func:`model_state_guard` (it changes requires_grad and grads)."""
+    Call inside :func:`model_state_guard` (it changes requires_grad and grads).  ``kinds``: the
+    attention/FFN unit kinds to score (default: the ``gqa`` mode's attention kind and "ffn_channel")."""
     if taylor not in TAYLOR:
         raise WidthError(f"llm_pruner: unknown taylor {taylor!r}; choose from {', '.join(TAYLOR)}")
     kind = attention_kind(graph, gqa)
-    groups = [graph.group(k, i) for i in layers for k in (kind, "ffn_channel")]
+    kinds = tuple(kinds) if kinds else (kind, "ffn_channel")
+    groups = [graph.group(k, i) for i in layers for k in kinds]
     if hidden:
         groups.append(graph.group("hidden_channel", None))
     scored = list(dict.fromkeys(m.param for g in groups for m in g.members))

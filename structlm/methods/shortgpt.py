@@ -61,11 +61,8 @@ def _sums(runner, calib, batch_size, fn):
     return sums, tokens
 
 
-@register("shortgpt")
-def shortgpt(model, graph, target, calib, *, batch_size: int = 8, **unknown):
-    """Remove the blocks with the lowest Block Influence (one shot)."""
-    reject_unknown_options("shortgpt", unknown, shortgpt)
-    started = time.perf_counter()
+def block_influence(model, calib, *, batch_size: int = 8) -> list[float]:
+    """ShortGPT's BI of every block on ``calib`` [N, L]: 1 - mean cos(x_in, x_out) over all tokens."""
     runner = LayerRunner(model)
 
     def block(i, h, ctx):
@@ -75,7 +72,16 @@ def shortgpt(model, graph, target, calib, *, batch_size: int = 8, **unknown):
 
     with torch.inference_mode():
         sums, tokens = _sums(runner, calib, batch_size, block)
-    scores = {u: v / tokens for u, v in sums.items()}
+    return [sums[(i, "block")] / tokens for i in range(runner.n)]
+
+
+@register("shortgpt")
+def shortgpt(model, graph, target, calib, *, batch_size: int = 8, **unknown):
+    """Remove the blocks with the lowest Block Influence (one shot)."""
+    reject_unknown_options("shortgpt", unknown, shortgpt)
+    started = time.perf_counter()
+    bi = block_influence(model, calib, batch_size=batch_size)
+    scores = {(i, "block"): v for i, v in enumerate(bi)}
     plan, order = _one_shot(graph, target, scores, "shortgpt")
     info = {"score": "BI = 1 - mean cos(x_in, x_out) over calibration tokens",
             "block_influence": [scores[(i, "block")] for i in range(graph.n_layers)],
@@ -83,11 +89,9 @@ def shortgpt(model, graph, target, calib, *, batch_size: int = 8, **unknown):
     return plan, info
 
 
-@register("shortgpt_angular")
-def shortgpt_angular(model, graph, target, calib, *, batch_size: int = 8, **unknown):
-    """Remove the attention/FFN sublayers with the lowest angular distance input -> output (one shot)."""
-    reject_unknown_options("shortgpt_angular", unknown, shortgpt_angular)
-    started = time.perf_counter()
+def angular_distances(model, calib, *, batch_size: int = 8) -> dict:
+    """ShortGPT's angular distance of every sublayer on ``calib`` [N, L]: mean arccos(cos(h_in, h_out))/pi
+    over all tokens -> {"attention": [per layer], "ffn": [per layer]}."""
     runner = LayerRunner(model)
 
     def angular(a, b):
@@ -101,7 +105,16 @@ def shortgpt_angular(model, graph, target, calib, *, batch_size: int = 8, **unkn
 
     with torch.inference_mode():
         sums, tokens = _sums(runner, calib, batch_size, sublayers)
-    scores = {u: v / tokens for u, v in sums.items()}
+    return {kind: [sums[(i, kind)] / tokens for i in range(runner.n)] for kind in ("attention", "ffn")}
+
+
+@register("shortgpt_angular")
+def shortgpt_angular(model, graph, target, calib, *, batch_size: int = 8, **unknown):
+    """Remove the attention/FFN sublayers with the lowest angular distance input -> output (one shot)."""
+    reject_unknown_options("shortgpt_angular", unknown, shortgpt_angular)
+    started = time.perf_counter()
+    angular = angular_distances(model, calib, batch_size=batch_size)
+    scores = {(i, kind): angular[kind][i] for i in range(graph.n_layers) for kind in ("attention", "ffn")}
     plan, order = _one_shot(graph, target, scores, "shortgpt_angular")
     info = {"score": "mean arccos(cos(h_in, h_out))/pi per sublayer over calibration tokens",
             "angular": {"attention": [scores[(i, "attention")] for i in range(graph.n_layers)],

@@ -57,6 +57,32 @@ def wanda_elements(model, stats: InputStats):
     return elem
 
 
+def wanda_sp_scores(model, graph, calib, layers, *, gqa: str = "kv_groups", scope: str = "out",
+                    aggregate: str = "sum", batch_size: int = 4, hidden: bool = False, kinds=None) -> dict:
+    """Wanda-SP unit scores {(kind, layer): [count]} of ``layers`` on ``calib`` [N, L] (and
+    ("hidden_channel", None) with ``hidden``).  ``kinds``: the attention/FFN unit kinds to score
+    (default: the ``gqa`` mode's attention kind and "ffn_channel")."""
+    if scope not in ("out", "unit"):
+        raise WidthError(f"wanda_sp: scope must be 'out' or 'unit', not {scope!r}")
+    stat_layers = range(graph.n_layers) if hidden else layers
+    mods = projection_modules(model, graph, stat_layers)
+    names = [w.rpartition(".")[0] for i in stat_layers for w in mods[i]["out"]
+             + (mods[i]["in"] if scope == "unit" or hidden else [])]
+    with model_state_guard(model) as handles:
+        model.eval()
+        stats = InputStats(model, names).collect(calib, batch_size, handles)
+    elem = wanda_elements(model, stats)
+    kinds = tuple(kinds) if kinds else (attention_kind(graph, gqa), "ffn_channel")
+    scores = {}
+    for i in layers:
+        allowed = set(mods[i]["out"]) if scope == "out" else None
+        for k in kinds:
+            scores[(k, i)] = aggregate_fn(member_matrix(graph.group(k, i), elem, params=allowed), aggregate)
+    if hidden:
+        scores[("hidden_channel", None)] = aggregate_fn(member_matrix(graph.group("hidden_channel", None), elem), "sum")
+    return scores
+
+
 @register("wanda_sp")
 @torch.no_grad()
 def wanda_sp(model, graph, target, calib, **options):
@@ -69,23 +95,9 @@ def wanda_sp(model, graph, target, calib, **options):
     check_reach(graph, target, gqa, layers, alloc, prune_hidden)
     if scope not in ("out", "unit"):
         raise WidthError(f"wanda_sp: scope must be 'out' or 'unit', not {scope!r}")
-    stat_layers = range(graph.n_layers) if prune_hidden else layers
-    mods = projection_modules(model, graph, stat_layers)
-    names = [w.rpartition(".")[0] for i in stat_layers for w in mods[i]["out"]
-             + (mods[i]["in"] if scope == "unit" or prune_hidden else [])]
-    with model_state_guard(model) as handles:
-        model.eval()
-        stats = InputStats(model, names).collect(calib, batch_size, handles)
-    elem = wanda_elements(model, stats)
-    kind = attention_kind(graph, gqa)
-    scores = {}
-    for i in layers:
-        allowed = set(mods[i]["out"]) if scope == "out" else None
-        for k in (kind, "ffn_channel"):
-            scores[(k, i)] = aggregate_fn(member_matrix(graph.group(k, i), elem, params=allowed), how)
-    hidden_scores = None
-    if prune_hidden:
-        hidden_scores = aggregate_fn(member_matrix(graph.group("hidden_channel", None), elem), "sum")
+    scores = wanda_sp_scores(model, graph, calib, layers, gqa=gqa, scope=scope, aggregate=how,
+                             batch_size=batch_size, hidden=prune_hidden)
+    hidden_scores = scores.pop(("hidden_channel", None), None)
     plan, info = allocate(graph, scores, target, layers=layers, hidden_scores=hidden_scores,
                           global_score=global_score, **alloc)
     info.update(method="wanda_sp", scope=scope, aggregate=how, gqa=gqa, layers=layers, prune_hidden=prune_hidden,
