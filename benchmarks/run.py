@@ -47,7 +47,7 @@ from structlm.targets import parse_target
 RESULTS = Path(__file__).resolve().parent / "results"
 SUITES = {
     "layer": ["finercut", "shortgpt", "sleb", "last_blocks", "tp:l2"],
-    "width": ["ziplm", "llm_pruner", "flap", "wanda_sp", "magnitude", "tp:l2", "tp:taylor-hidden-kept"],
+    "width": ["ziplm", "modegpt", "llm_pruner", "flap", "wanda_sp", "magnitude", "tp:l2", "tp:taylor-hidden-kept"],
 }
 DEFAULT_TARGETS = {"layer": [0.9, 0.8, 0.7], "width": [0.9, 0.8, 0.7, 0.5]}
 # Options the benchmark passes (stated in the results); methods not listed run with their defaults.
