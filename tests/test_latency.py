@@ -162,7 +162,7 @@ def test_dp_latency_is_optimal():
         assert error == pytest.approx(best[0], rel=1e-3, abs=1e-3)
 
 
-@pytest.mark.parametrize("method", ["ziplm", "wanda_sp", "magnitude", "flap", "llm_pruner", "shortgpt",
+@pytest.mark.parametrize("method", ["ziplm", "modegpt", "wanda_sp", "magnitude", "flap", "llm_pruner", "shortgpt",
                                     "finercut", "last_blocks"])
 @pytest.mark.parametrize("target", ["speedup=1.3", "latency_ms=9"])
 def test_every_method_meets_a_latency_target(method, target):
@@ -170,7 +170,7 @@ def test_every_method_meets_a_latency_target(method, target):
     graph = build_graph(model)
     table = synthetic_table(graph)
     calib = tiny_inputs(model.config, batch=4, seq=12)
-    options = {"progress": False} if method == "ziplm" else {}
+    options = {"progress": False} if method in ("ziplm", "modegpt") else {}
     if method == "llm_pruner":
         options["layers"] = "all"
     plan, info, _ = make_plan(model, method=method, target=target, calib=calib, graph=graph, options=options,
@@ -210,6 +210,12 @@ def test_out_of_reach_latency_targets_say_how_far_they_go():
     with pytest.raises(ValueError, match=r"out of reach.*speedup="):
         make_plan(model, method="ziplm", target="speedup=4", calib=calib, graph=graph, latency_table=table,
                   options={"progress": False})
+    with pytest.raises(ValueError, match=r"out of reach.*speedup=.*ziplm"):
+        make_plan(model, method="modegpt", target="speedup=3", calib=calib, graph=graph, latency_table=table,
+                  options={"progress": False})
+    with pytest.raises(ValueError, match=r"modegpt: a latency target .* include ffn"):
+        make_plan(model, method="modegpt", target="speedup=1.1", calib=calib, graph=graph, latency_table=table,
+                  options={"progress": False, "modules": "vo"})
     with pytest.raises(ValueError, match=r"cannot be met.*fastest"):
         make_plan(model, method="shortgpt", target="speedup=4", calib=calib, graph=graph, latency_table=table)
     with pytest.raises(ValueError, match="hidden-channel pruning"):

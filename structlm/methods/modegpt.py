@@ -179,18 +179,31 @@ def count_plan(graph, counts: list[dict]) -> PrunePlan:
     return PrunePlan(layers=layers, family=graph.family)
 
 
-def solve_phi(graph, importance, budget: int, opts: dict, modules) -> tuple[float, list[float], list[dict]]:
-    """The smallest mean compression whose plan keeps at most ``budget`` parameters."""
+def solve_phi(graph, importance, budget: float, opts: dict, modules, target=None) -> tuple[float, list[float], list[dict]]:
+    """The smallest mean compression whose plan keeps at most ``budget`` parameters, or, for a
+    latency ``target`` (speedup= / latency_ms=), whose predicted time is within ``budget`` ms."""
     qk_units = graph.channel_group("qk_channel", 0, 0).count if graph.groups_of("qk_channel", 0) else 0
+    latency = target is not None and target.is_latency
+
+    def cost(plan):
+        return target.latency.predict(graph, plan)["total_ms"] if latency else plan.cost(graph)["params"]
 
     def plan_at(phi_avg):
         phis = allocate(importance, phi_avg, opts["eps"], opts["cap"], opts["allocation"])
         counts = [kept_counts(p, graph.intermediate, qk_units, graph.head_dim, opts["align"], modules) for p in phis]
-        return phis, counts, count_plan(graph, counts).cost(graph)["params"]
+        return phis, counts, cost(count_plan(graph, counts))
 
-    phis, counts, params = plan_at(opts["cap"])
-    if params > budget:
-        kept = params / graph.total_params
+    phis, counts, fastest = plan_at(opts["cap"])
+    if fastest > budget:
+        if latency:
+            dense = target.latency.dense_ms(graph)
+            raise MoDeGPTError(
+                f"modegpt: the target {target} is out of reach: compressing every layer's FFN by the cap {opts['cap']:g} "
+                f"is predicted at {fastest:.2f} ms (x{dense / fastest:.2f} of the dense {dense:.2f} ms; head-dim "
+                f"pruning is priced at full attention time). Fix: a milder target (speedup="
+                f"{math.floor(dense / fastest * 100) / 100:g} or less), a higher cap (-O cap=0.9), or ziplm, which "
+                f"also removes heads and sublayers")
+        kept = fastest / graph.total_params
         raise MoDeGPTError(
             f"modegpt: the target is out of reach: compressing every layer's {', '.join(sorted(modules))} by the cap "
             f"{opts['cap']:g} keeps {kept:.1%} of the parameters. Fix: a milder target (params="
@@ -425,12 +438,20 @@ def modegpt(model, graph, target, calib, **options):
     started = time.perf_counter()
     opts, modules, notes = _options(graph, options)
     t = parse_target(target)
-    if t.kind != "params":
-        raise MoDeGPTError(f"modegpt takes a params target (e.g. params=0.8), not {t}")
+    if t.kind != "params" and not t.is_latency:
+        raise MoDeGPTError(f"modegpt takes a params target (params=0.8) or a latency target (speedup=1.5, "
+                           f"latency_ms=20), not {t}")
+    if t.is_latency and "ffn" not in modules:
+        # the exported attention scatters q/k/v back to the full head width, so narrower head dims
+        # shrink only the projections: the latency table prices attention by heads, not head dims
+        raise MoDeGPTError(f"modegpt: a latency target ({t}) is met by narrowing the FFN, but modules="
+                           f"{','.join(modules)} leaves it whole. Fix: include ffn (-O modules=auto), or use params=")
     LayerRunner(model)   # refuses a family the layer runner cannot run, before any scoring
     if calib is None:
         raise MoDeGPTError("modegpt fits its decompositions on calibration data: calibration token ids are needed")
-    budget = int(math.floor(t.value * graph.total_params))
+    # a latency target prices attention at its full time (head dims do not change the table's
+    # attention configuration), so the predicted time is an upper bound for the plan's
+    budget = t.latency_budget(graph) if t.is_latency else int(math.floor(t.value * graph.total_params))
     if opts["allocation"] == "bi":
         importance = block_importance(model, calib, opts["batch_size"], opts["progress"])
         broken = [i for i, s in enumerate(importance) if not math.isfinite(s)]
@@ -439,11 +460,11 @@ def modegpt(model, graph, target, calib, **options):
                                f"model's weights or the calibration data are broken; check the model with structlm eval")
     else:
         importance = [0.0] * graph.n_layers
-    phi_avg, phis, counts = solve_phi(graph, importance, budget, opts, modules)
+    phi_avg, phis, counts = solve_phi(graph, importance, budget, opts, modules, t)
     plan, report = compress(model, graph, calib, counts, modules, opts)
     info = {"method": "modegpt", "modules": modules, "notes": notes, "allocation": opts["allocation"],
             "ridge": opts["ridge"], "damp": opts["damp"], "eps": opts["eps"], "cap": opts["cap"],
-            "phi_avg": phi_avg, "budget_params": budget, "calibration": list(calib.shape),
+            "phi_avg": phi_avg, ("budget_ms" if t.is_latency else "budget_params"): budget, "calibration": list(calib.shape),
             "layers": [{**row, "block_importance": importance[row["layer"]] if opts["allocation"] == "bi" else None,
                         "phi": phis[row["layer"]]} for row in report],
             "seconds": round(time.perf_counter() - started, 2)}
