@@ -40,6 +40,7 @@ class StreamResult:
     info: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
     model: object = None       # the shrunk model on the meta device (shapes, config, layout)
+    graph: object = None       # the dense model's graph (for plan.summary_text)
 
 
 def _layer_prefixes(adapter, n: int) -> list[str]:
@@ -209,6 +210,7 @@ def stream_prune(model_dir, out=None, *, method: str | None = None, target=None,
     --stream``).  Either ``plan`` or ``method`` + ``target`` with calibration ids ``calib`` [N, L]
     (or a ``tokenizer`` for the default samples; the folder's own tokenizer is used when there is
     one).  ``dtype``: of the saved weights ("auto": the checkpoint's); scores are float32.
+    ``recipe``: a dict, or ``recipe(plan, dtype) -> dict``.
     ``observer(stage, layer, model)`` is called after each layer is read (tests count the
     resident layers with it).  ``output``: an already reserved :class:`OutputFolder` (the CLI's)."""
     from ..export import write_checkpoint
@@ -260,7 +262,7 @@ def stream_prune(model_dir, out=None, *, method: str | None = None, target=None,
         plan.meta.update(method=spec.name, target=str(target))
     plan, _, _ = make_plan(skeleton, plan=plan, align=align, graph=graph)
     if dry_run:
-        return StreamResult(None, plan, info, stats)
+        return StreamResult(None, plan, info, stats, graph=graph)
     out_dtype = _dtype(dtype, ckpt.source_dtype)
     owned = output is None
     reserved = OutputFolder(out, force) if owned else None
@@ -283,13 +285,16 @@ def stream_prune(model_dir, out=None, *, method: str | None = None, target=None,
                        "total_seconds": round(time.perf_counter() - started, 1), **(report or {})}
 
         def weights(folder, config):
+            config.dtype = out_dtype     # as save_pretrained records the weights' dtype
             config.save_pretrained(folder)
             if getattr(final, "generation_config", None) is not None and final.can_generate():
                 final.generation_config.save_pretrained(folder)
             writer.finish()
+        if callable(recipe):   # the CLI's recipe records the plan's alignment
+            recipe = recipe(plan, out_dtype)
         write_checkpoint(final, tokenizer, output.staging, plan=plan, recipe=recipe, report=full_report,
                          name=Path(out or output.out).name, weights=weights)
-        result = StreamResult(output.out, plan, info, stats, final)
+        result = StreamResult(output.out, plan, info, stats, final, graph)
         if owned:
             output.commit()
         return result
