@@ -20,13 +20,11 @@ REFUSED = {
     "sleb": "its greedy search scores every candidate block by the whole network's calibration perplexity "
             "(each candidate needs every later layer resident)",
     "llm_pruner": "its Taylor importance needs a backward pass through the whole network",
-    "shortgpt": "it is layer-wise (Block Influence) but not yet wired into streaming mode",
-    "shortgpt_angular": "it is layer-wise (angular distance) but not yet wired into streaming mode",
     "ziplm": "it is layer-wise (per-layer OBS levels and sequential reconstruction) but not yet wired into "
              "streaming mode",
     "modegpt": "it is layer-wise (per-layer Gram matrices) but not yet wired into streaming mode",
 }
-SUPPORTED = ("magnitude", "wanda_sp", "flap", "last_blocks")
+SUPPORTED = ("magnitude", "wanda_sp", "flap", "shortgpt", "shortgpt_angular", "last_blocks")
 
 
 def refusal(method: str) -> str:
@@ -58,6 +56,10 @@ class StreamMethod:
 
     def stat_modules(self, model, i: int) -> list[str]:
         return []
+
+    def run_layer(self, runner, i: int, h: list) -> list:
+        """Layer ``i`` on every batch of activations ``h`` (methods that score the pass override it)."""
+        return [runner.layer(i, x, runner.context(x)) for x in h]
 
     def score_layer(self, model, i: int) -> dict:
         raise NotImplementedError
@@ -190,6 +192,63 @@ class Flap(StreamMethod):
         return {name: torch.zeros(value.shape, dtype=torch.float32) for name, value in probe.updates.items()}
 
 
+class ShortGPT(StreamMethod):
+    """ShortGPT's Block Influence (or the sublayers' angular distances): summed per layer while
+    the dense activations pass through it, in the in-memory order (batch by batch)."""
+
+    needs_activations = True
+
+    def __init__(self, name, model, graph, target, options):
+        from .. import methods
+        from ..methods import reject_unknown_options
+
+        self.name = name
+        options = dict(options)
+        batch_size = int(options.pop("batch_size", 8))
+        reject_unknown_options(name, options, methods.get(name))
+        self.graph, self.target = graph, target
+        self.opts = {"layers": list(range(graph.n_layers)), "batch_size": batch_size}
+        self.stats = None
+        self.compensate = False
+        self.sums: dict = {}
+        self.tokens = 0
+        self.started = None
+
+    def run_layer(self, runner, i, h):
+        import time
+
+        from ..methods.shortgpt import block_step, sublayer_step
+
+        if self.started is None:
+            self.started = time.perf_counter()
+        step = block_step if self.name == "shortgpt" else sublayer_step
+        out = []
+        for x in h:
+            values, y = step(runner, i, x, runner.context(x))
+            for unit, value in values.items():
+                self.sums[unit] = self.sums.get(unit, 0.0) + value
+            out.append(y)
+            if i == 0:
+                self.tokens += x.shape[0] * x.shape[1]
+        return out
+
+    def score_layer(self, model, i):
+        return {}
+
+    def plan(self, model, scores, calib_shape):
+        import time
+
+        from ..methods.shortgpt import shortgpt_angular_plan, shortgpt_plan
+
+        seconds = time.perf_counter() - (self.started or time.perf_counter())
+        n = self.graph.n_layers
+        if self.name == "shortgpt":
+            return shortgpt_plan(self.graph, self.target, [self.sums[(i, "block")] / self.tokens for i in range(n)],
+                                 seconds)
+        angular = {k: [self.sums[(i, k)] / self.tokens for i in range(n)] for k in ("attention", "ffn")}
+        return shortgpt_angular_plan(self.graph, self.target, angular, seconds)
+
+
 class WeightFree(StreamMethod):
     """A method that reads no weights and no activations (last_blocks): run as it is on the skeleton."""
 
@@ -217,6 +276,8 @@ def stream_method(name: str, model, graph, target, options: dict) -> StreamMetho
     if key in REFUSED:
         raise StreamError(refusal(key))
     classes = {"magnitude": Magnitude, "wanda_sp": WandaSP, "flap": Flap}
+    if key in ("shortgpt", "shortgpt_angular"):
+        return ShortGPT(key, model, graph, target, options)
     if key == "last_blocks":
         return WeightFree(key, model, graph, target, options)
     if key not in classes:

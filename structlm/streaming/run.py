@@ -90,7 +90,7 @@ def score_pass(ckpt: StreamingCheckpoint, spec, graph, adapter, calib: torch.Ten
         if runner is not None:
             handles = spec.stats.attach(spec.stat_modules(model, i), model) if spec.stats is not None else []
             try:
-                h = [runner.layer(i, x, runner.context(x)) for x in h]
+                h = spec.run_layer(runner, i, h)
             finally:
                 for handle in handles:
                     handle.remove()
