@@ -214,3 +214,21 @@ def test_cli_stream_errors(cli_folder, tmp_path, capsys):
                       "--calib-data", text, "--out", str(tmp_path / "o"), *FAST], capsys)
     assert "latency targets" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_flap_saved_in_bfloat16_equals_in_memory_bit_for_bit(sharded, tmp_path):
+    """dtype=bfloat16 from a float32 checkpoint: FLAP's biases are computed from float32 weights and
+    the shrink runs in bfloat16, as in memory (score in float32, cast, shrink)."""
+    folder, model = sharded
+    calib = tiny_inputs(model.config, batch=4, seq=16)
+    res = stream_prune(folder, tmp_path / "out", method="flap", target="params=0.8", calib=calib, dtype="bfloat16",
+                       progress=False)
+    dense = structlm.load(folder)
+    plan, _, _ = structlm.make_plan(dense, method="flap", target="params=0.8", calib=calib)
+    assert plan.to_dict() == res.plan.to_dict()
+    pruned = structlm.prune(dense.to(torch.bfloat16), plan=plan).model
+    got = structlm.load(tmp_path / "out", dtype=torch.bfloat16).state_dict()
+    expected = pruned.state_dict()
+    assert sorted(got) == sorted(expected)
+    for k, v in expected.items():
+        assert v.dtype == torch.bfloat16 and torch.equal(got[k], v), k

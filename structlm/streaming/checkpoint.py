@@ -124,6 +124,14 @@ class StreamingCheckpoint:
                     self.reads += 1
 
     @staticmethod
+    def cast(model: nn.Module, names, dtype) -> None:
+        """Cast the loaded floating-point tensors ``names`` of ``model`` to ``dtype``, in place."""
+        for n in names:
+            t = model.get_parameter(n) if n in dict(model.named_parameters()) else model.get_buffer(n)
+            if t.is_floating_point() and t.dtype != dtype:
+                _set(model, n, t.detach().to(dtype))
+
+    @staticmethod
     def release(model: nn.Module, names) -> None:
         """Drop ``names`` back to the meta device (their memory is freed)."""
         for n in names:

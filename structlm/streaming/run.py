@@ -157,25 +157,26 @@ def shrink_pass(ckpt: StreamingCheckpoint, spec, plan, graph, adapter, writer: S
     n = graph.n_layers
     prefixes = _layer_prefixes(adapter, n)
     future = spec.future_updates(ckpt.skeleton, plan) if spec is not None else {}
-    real: dict = {}
     kept = [i for i in range(n) if i not in set(plan.removed_blocks)]
     new_index = {old: new for new, old in enumerate(kept)}
 
-    def shrunk_copy(load_names):
+    def shrunk_copy(load_names, load_dtype):
         model = ckpt.work_model()
-        ckpt.load(model, load_names, device)
+        ckpt.load(model, load_names, device, load_dtype)
         return model
 
+    # as in memory, where the float32 model is cast to the output dtype and then shrunk: weight updates
+    # (FLAP's biases, computed while scoring) read float32 weights, the shrink runs in the output dtype
+    updates_read_weights = spec is not None and spec.compensate
     for i in tqdm(range(n), desc="stream pass 2: shrink + write", disable=not progress, unit="layer"):
         if i not in new_index:
             continue
         names = ckpt.layer_names(prefixes[i])
-        model = shrunk_copy(names)
+        model = shrunk_copy(names, torch.float32 if updates_read_weights else dtype)
         _observe(observer, "shrink", i, model)
         if spec is not None:
-            before = set(plan.updates)
             spec.layer_updates(model, plan, i)
-            real.update({k: plan.updates[k] for k in set(plan.updates) - before})
+        ckpt.cast(model, names, dtype)
         step = copy.copy(plan)
         step.updates = {**future, **plan.updates}
         shrink(model, step, graph)
@@ -183,7 +184,7 @@ def shrink_pass(ckpt: StreamingCheckpoint, spec, plan, graph, adapter, writer: S
         writer.write(_tensors(model.get_submodule(new_prefix), new_prefix, dtype))
         del model
     others = ckpt.other_names(prefixes)
-    model = shrunk_copy(others)
+    model = shrunk_copy(others, dtype)
     if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()
     _observe(observer, "rest", None, model)
