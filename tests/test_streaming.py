@@ -232,3 +232,13 @@ def test_flap_saved_in_bfloat16_equals_in_memory_bit_for_bit(sharded, tmp_path):
     assert sorted(got) == sorted(expected)
     for k, v in expected.items():
         assert v.dtype == torch.bfloat16 and torch.equal(got[k], v), k
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    model = tiny_model("llama", num_hidden_layers=2)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "src")
+    with pytest.raises(StreamError, match=r"model.layers.1.mlp.down_proj.weight .* NaN or infinite"):
+        stream_prune(tmp_path / "src", tmp_path / "out", method="magnitude", target="params=0.8", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -120,6 +120,9 @@ class StreamingCheckpoint:
             with safe_open(str(self.folder / file), "pt", device="cpu") as f:
                 for n in group:
                     t = f.get_tensor(n)
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        raise StreamError(f"--stream: tensor {n} in {self.folder / file} has NaN or infinite values; "
+                                          f"the checkpoint is broken (weights that are not finite are refused)")
                     _set(model, n, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
                     self.reads += 1
 
