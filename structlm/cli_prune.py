@@ -359,8 +359,8 @@ def _run_stream(args, options: dict, plan) -> int:
         return 0
     s = result.stats
     print(f"  params {s['params_before']:,} -> {s['params_after']:,} ({s['params_kept']:.1%})")
-    print(f"saved to {args.out} ({str(next(result.model.parameters()).dtype).removeprefix('torch.')}, sharded "
-          f"safetensors, with a README.md model card)")
+    print(f"saved to {args.out} ({s['format']} checkpoint, {str(next(result.model.parameters()).dtype).removeprefix('torch.')}, "
+          f"sharded safetensors, with a README.md model card)")
     return 0
 
 

@@ -293,8 +293,8 @@ def stream_prune(model_dir, out=None, *, method: str | None = None, target=None,
             writer.finish()
         if callable(recipe):   # the CLI's recipe records the plan's alignment
             recipe = recipe(plan, out_dtype)
-        write_checkpoint(final, tokenizer, output.staging, plan=plan, recipe=recipe, report=full_report,
-                         name=Path(out or output.out).name, weights=weights)
+        stats["format"] = write_checkpoint(final, tokenizer, output.staging, plan=plan, recipe=recipe,
+                                           report=full_report, name=Path(out or output.out).name, weights=weights)
         result = StreamResult(output.out, plan, info, stats, final, graph)
         if owned:
             output.commit()
