@@ -117,14 +117,17 @@ def test_single_file_bf16_checkpoint_loads_with_stock_transformers(tmp_path):
         assert torch.equal(got[k], v), k
 
 
-def test_gemma3_sliding_layers_stream(tmp_path):
-    """Gemma 3 (sliding + global attention layers, per-type rotary) through the layer runner."""
-    model = tiny_model("gemma3", num_hidden_layers=3)
+@pytest.mark.parametrize("family,method", [("gemma3", "wanda_sp"), ("mistral", "flap"), ("gpt2", "magnitude")])
+def test_other_families_stream(tmp_path, family, method):
+    """Gemma 3 (sliding + global attention layers, per-type rotary) through the layer runner; an
+    untied lm_head (Mistral: its own shard; FLAP skips its biases, which Mistral cannot hold); GPT-2's
+    Conv1D projections (magnitude needs no layer runner)."""
+    model = tiny_model(family, num_hidden_layers=3)
     model.save_pretrained(tmp_path / "src", max_shard_size="60KB")
     calib = tiny_inputs(model.config, batch=5, seq=16)
-    mem = structlm.prune(structlm.load(tmp_path / "src"), "wanda_sp", "params=0.85", calib)
+    mem = structlm.prune(structlm.load(tmp_path / "src"), method, "params=0.85", calib)
     structlm.save(mem.model, None, tmp_path / "mem", plan=mem.plan)
-    res = stream_prune(tmp_path / "src", tmp_path / "out", method="wanda_sp", target="params=0.85", calib=calib,
+    res = stream_prune(tmp_path / "src", tmp_path / "out", method=method, target="params=0.85", calib=calib,
                        progress=False)
     assert res.plan.to_dict() == mem.plan.to_dict()
     ids = tiny_inputs(model.config, batch=2, seq=10, seed=4)

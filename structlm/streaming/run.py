@@ -270,6 +270,9 @@ def stream_prune(model_dir, out=None, *, method: str | None = None, target=None,
     try:
         if owned:
             output = reserved.__enter__()
+        fraction = target.value if target is not None and target.kind == "params" else 1.0
+        output.require_space(int(count_parameters(skeleton) * out_dtype.itemsize * fraction) + (16 << 20),
+                             "the checkpoint")
         t0 = time.perf_counter()
         writer = ShardWriter(output.staging)
         with PeakMemory() as mem:
