@@ -127,12 +127,15 @@ class StreamingCheckpoint:
                     self.reads += 1
 
     @staticmethod
-    def cast(model: nn.Module, names, dtype) -> None:
-        """Cast the loaded floating-point tensors ``names`` of ``model`` to ``dtype``, in place."""
+    def cast(model: nn.Module, names, dtype, device=None) -> None:
+        """Cast the loaded floating-point tensors ``names`` of ``model`` to ``dtype`` (and move them
+        to ``device``), in place."""
+        params = dict(model.named_parameters())
         for n in names:
-            t = model.get_parameter(n) if n in dict(model.named_parameters()) else model.get_buffer(n)
-            if t.is_floating_point() and t.dtype != dtype:
-                _set(model, n, t.detach().to(dtype))
+            t = params[n] if n in params else model.get_buffer(n)
+            want = dtype if t.is_floating_point() and dtype is not None else t.dtype
+            if t.dtype != want or (device is not None and t.device != torch.device(device)):
+                _set(model, n, t.detach().to(device=device or t.device, dtype=want))
 
     @staticmethod
     def release(model: nn.Module, names) -> None:

@@ -65,6 +65,9 @@ def score_pass(ckpt: StreamingCheckpoint, spec, graph, adapter, calib: torch.Ten
     from ..methods._layers import LayerRunner, UnsupportedRunnerError
 
     model = ckpt.work_model()
+    if torch.device(device).type != "cpu":   # the real buffers (rotary frequencies) go where the layers run
+        buffers = [name for name, b in model.named_buffers() if not b.is_meta]
+        ckpt.cast(model, buffers, None, device)
     n = graph.n_layers
     prefixes = _layer_prefixes(adapter, n)
     scores: dict = {}
@@ -95,6 +98,8 @@ def score_pass(ckpt: StreamingCheckpoint, spec, graph, adapter, calib: torch.Ten
                 for handle in handles:
                     handle.remove()
         if i in spec.layers:
+            if torch.device(device).type != "cpu":   # the scores combine weights with CPU float64 statistics
+                ckpt.cast(model, names, torch.float32, "cpu")
             scores.update(spec.score_layer(model, i))
         ckpt.release(model, names)
     return scores
@@ -149,7 +154,7 @@ def _tensors(module, prefix: str, dtype) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def shrink_pass(ckpt: StreamingCheckpoint, spec, plan, graph, adapter, writer: ShardWriter, dtype, *,
-                device="cpu", observer=None, progress: bool = True):
+                observer=None, progress: bool = True):
     """Pass 2: shrink and write every layer, then the embeddings / final norm / lm_head; returns
     the shrunk meta model (with every update of the plan, for the config and the layout)."""
     from ..surgery import shrink
@@ -160,9 +165,9 @@ def shrink_pass(ckpt: StreamingCheckpoint, spec, plan, graph, adapter, writer: S
     kept = [i for i in range(n) if i not in set(plan.removed_blocks)]
     new_index = {old: new for new, old in enumerate(kept)}
 
-    def shrunk_copy(load_names, load_dtype):
+    def shrunk_copy(load_names, load_dtype):   # on the CPU: pass 2 runs no forward, and the shards are written from it
         model = ckpt.work_model()
-        ckpt.load(model, load_names, device, load_dtype)
+        ckpt.load(model, load_names, "cpu", load_dtype)
         return model
 
     # as in memory, where the float32 model is cast to the output dtype and then shrunk: weight updates
@@ -276,8 +281,8 @@ def stream_prune(model_dir, out=None, *, method: str | None = None, target=None,
         t0 = time.perf_counter()
         writer = ShardWriter(output.staging)
         with PeakMemory() as mem:
-            final = shrink_pass(ckpt, spec, plan, graph, adapter, writer, out_dtype, device=device,
-                                observer=observer, progress=progress)
+            final = shrink_pass(ckpt, spec, plan, graph, adapter, writer, out_dtype, observer=observer,
+                                progress=progress)
         stats.update(shrink_seconds=round(time.perf_counter() - t0, 2), shrink_peak_extra_bytes=mem.extra_bytes,
                      params_before=count_parameters(skeleton), params_after=count_parameters(final),
                      checkpoint_reads=ckpt.reads, stream_passes=2 if spec is not None and spec.needs_weights else 1)
