@@ -163,7 +163,7 @@ def main() -> None:
     scratch = Path(args.scratch)
     print(f"checkpoint: {scratch / 'model'} ({args.shape})", flush=True)
     t0 = time.perf_counter()
-    config = write_checkpoint(scratch / "model", args.shape)
+    write_checkpoint(scratch / "model", args.shape)
     written = round(time.perf_counter() - t0, 1)
     child_json = scratch / "child.json"
     cmd = [sys.executable, __file__, "--child-json", str(child_json), "--scratch", str(scratch), "--shape",

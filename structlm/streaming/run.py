@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import INDEX_FILE, StreamError, StreamingCheckpoint, resident_layers
+from .checkpoint import INDEX_FILE, StreamError, StreamingCheckpoint
 from .methods import stream_method
 
 
