@@ -87,6 +87,7 @@ def test_stream_equals_in_memory(sharded, tmp_path, monkeypatch, method, options
     assert {"config.json", "plan.json", "report.json", "README.md"} <= files
     assert "model.safetensors.index.json" in files and not any(f.startswith((".", "model.safetensors.tmp"))
                                                                for f in files)
+    assert ("removed.png" in files) == method.startswith(("shortgpt", "last_blocks"))
     report = json.loads((tmp_path / "stream" / "report.json").read_text())
     assert report["mode"] == "stream" and report["stats"]["stream_passes"] == (1 if method == "last_blocks" else 2)
     assert not list(tmp_path.glob(".stream.partial-*"))   # staging renamed into place

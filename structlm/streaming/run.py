@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,7 +220,7 @@ def stream_prune(model_dir, out=None, *, method: str | None = None, target=None,
     ``recipe``: a dict, or ``recipe(plan, dtype) -> dict``.
     ``observer(stage, layer, model)`` is called after each layer is read (tests count the
     resident layers with it).  ``output``: an already reserved :class:`OutputFolder` (the CLI's)."""
-    from ..export import write_checkpoint
+    from ..export import removes_sublayers, write_checkpoint
     from ..families import get_adapter
     from ..graph import build_graph
     from ..models import count_parameters
@@ -291,7 +292,13 @@ def stream_prune(model_dir, out=None, *, method: str | None = None, target=None,
         full_report = {"model": str(model_dir), "method": method or "plan",
                        "target": str(target) if target is not None else None, "mode": "stream", "stats": stats,
                        "shapes": plan.shapes(graph), "before": None, "after": None, "method_info": info,
-                       "total_seconds": round(time.perf_counter() - started, 1), **(report or {})}
+                       "total_seconds": round(time.perf_counter() - started, 1),
+                       "environment": {"python": platform.python_version(), "platform": platform.platform()},
+                       **(report or {})}
+        if removes_sublayers(plan):   # which blocks / sublayers went, in order (as structlm prune draws it)
+            from ..figures import plot_removed
+
+            plot_removed(plan, graph, output.staging / "removed.png")
 
         def weights(folder, config):
             config.dtype = out_dtype     # as save_pretrained records the weights' dtype
