@@ -23,7 +23,7 @@ LAYERS = 3
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
-    """A tiny 3-layer Llama (GQA 4/2 heads) saved as several safetensors shards with an index."""
+    """A tiny 3-layer Llama (GQA 9/3 heads, tied) saved as several safetensors shards with an index."""
     folder = tmp_path_factory.mktemp("stream-src") / "llama"
     model = tiny_model("llama", num_hidden_layers=LAYERS)
     model.save_pretrained(folder, max_shard_size="40KB")
@@ -246,3 +246,23 @@ def test_non_finite_weights_are_refused(tmp_path):
     with pytest.raises(StreamError, match=r"model.layers.1.mlp.down_proj.weight .* NaN or infinite"):
         stream_prune(tmp_path / "src", tmp_path / "out", method="magnitude", target="params=0.8", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_plan_streams_without_scoring(sharded, tmp_path, monkeypatch):
+    """A hand-written plan (a removed block, a removed FFN, fewer KV groups and FFN channels): pass 2
+    only, the same checkpoint as shrinking in memory."""
+    from structlm.plan import LayerPlan, PrunePlan
+
+    folder, model = sharded
+
+    def plan():
+        return PrunePlan(layers={0: LayerPlan(kv_groups=[1], ffn_channels=list(range(0, 128, 2))),
+                                 2: LayerPlan(ffn=False)}, removed_blocks=[1])
+    counter = ResidentCounter(monkeypatch, get_adapter(model.config), LAYERS)
+    res = stream_prune(folder, tmp_path / "stream", plan=plan(), progress=False)
+    assert counter.peak == 1 and res.stats["stream_passes"] == 1
+    mem = structlm.prune(structlm.load(folder), plan=plan())
+    structlm.save(mem.model, None, tmp_path / "mem", plan=mem.plan)
+    assert res.plan.to_dict() == mem.plan.to_dict()
+    ids = tiny_inputs(model.config, batch=2, seq=12, seed=6)
+    torch.testing.assert_close(logits(tmp_path / "stream", ids), logits(tmp_path / "mem", ids), rtol=0, atol=1e-5)
