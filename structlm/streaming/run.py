@@ -19,6 +19,7 @@ into place (:class:`structlm.outputs.OutputFolder`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -259,24 +260,25 @@ def stream_prune(model_dir, out=None, *, method: str | None = None, target=None,
             from ..data import calibration_samples
 
             calib = calibration_samples(tokenizer)
-        calib_shape = list(calib.shape) if calib is not None else None
-        t0 = time.perf_counter()
-        with PeakMemory() as mem:
-            scores = (score_pass(ckpt, spec, graph, adapter, calib, device=device, observer=observer,
-                                 progress=progress) if spec.needs_weights else {})
-            plan, info = spec.plan(skeleton, scores, calib_shape)
-        stats.update(score_seconds=round(time.perf_counter() - t0, 2), score_peak_extra_bytes=mem.extra_bytes)
-        plan.meta.update(method=spec.name, target=str(target))
-    plan, _, _ = make_plan(skeleton, plan=plan, align=align, graph=graph)
-    if dry_run:
-        return StreamResult(None, plan, info, stats, graph=graph)
     out_dtype = _dtype(dtype, ckpt.source_dtype)
-    owned = output is None
-    reserved = OutputFolder(out, force) if owned else None
-    try:
-        if owned:
-            output = reserved.__enter__()
-        fraction = target.value if target is not None and target.kind == "params" else 1.0
+    with contextlib.ExitStack() as stack:
+        if not dry_run and output is None:   # reserved (checked, locked, staged) before the long work
+            output = stack.enter_context(OutputFolder(out, force))
+            owned = True
+        else:
+            owned = False
+        if spec is not None:
+            t0 = time.perf_counter()
+            with PeakMemory() as mem:
+                scores = (score_pass(ckpt, spec, graph, adapter, calib, device=device, observer=observer,
+                                     progress=progress) if spec.needs_weights else {})
+                plan, info = spec.plan(skeleton, scores, list(calib.shape) if calib is not None else None)
+            stats.update(score_seconds=round(time.perf_counter() - t0, 2), score_peak_extra_bytes=mem.extra_bytes)
+            plan.meta.update(method=spec.name, target=str(target))
+        plan, _, _ = make_plan(skeleton, plan=plan, align=align, graph=graph)
+        if dry_run:
+            return StreamResult(None, plan, info, stats, graph=graph)
+        fraction = target.value if getattr(target, "kind", None) == "params" else 1.0
         output.require_space(int(count_parameters(skeleton) * out_dtype.itemsize * fraction) + (16 << 20),
                              "the checkpoint")
         t0 = time.perf_counter()
@@ -314,6 +316,3 @@ def stream_prune(model_dir, out=None, *, method: str | None = None, target=None,
         if owned:
             output.commit()
         return result
-    finally:
-        if owned and reserved is not None:
-            reserved.__exit__(None, None, None)
