@@ -300,17 +300,22 @@ def _measured_here(table, args) -> bool:
 
 # ---- the verb ----------------------------------------------------------------------------------
 
-def _check_stream_args(args) -> None:
-    """What streaming mode cannot do, refused before any work (after _check_args)."""
+def _check_stream_args(args) -> Path:
+    """What streaming mode cannot do, refused before any work (after _check_args); returns the
+    checkpoint folder (a built-in alias streams from its converted safetensors folder in the cache)."""
     from .streaming.checkpoint import StreamError, checkpoint_files
     from .streaming.methods import REFUSED, refusal
 
     kind, info = models.resolve(args.model)
-    if kind != "folder":
+    if kind == "alias":
+        folder = models._ensure_alias_folder(info["alias"])   # converted once (small models), then reused
+    elif kind == "folder":
+        folder = Path(info["dir"])
+    else:
         raise StreamError(f"--stream reads a local Hugging Face folder with safetensors weights; {args.model!r} is "
-                          f"{'an alias' if kind == 'alias' else 'a .gguf file' if kind == 'gguf' else 'a hub id'}, "
-                          f"which is loaded (dequantised) in memory: prune it without --stream")
-    checkpoint_files(Path(info["dir"]))
+                          f"{'a .gguf file' if kind == 'gguf' else 'a hub id'}, which is loaded (dequantised) in "
+                          f"memory: prune it without --stream, or save it as a folder first (docs/scale.md)")
+    checkpoint_files(folder)
     if args.method in REFUSED:
         raise StreamError(refusal(args.method))
     if len(args.targets) > 1:
@@ -320,6 +325,7 @@ def _check_stream_args(args) -> None:
                           f"a params target (params=0.8)")
     if args.latency_table is not None:
         raise StreamError("--stream: --latency-table is not supported in streaming mode")
+    return folder
 
 
 def _run_stream(args, options: dict, plan) -> int:
@@ -328,8 +334,7 @@ def _run_stream(args, options: dict, plan) -> int:
 
     from .streaming import stream_prune
 
-    _check_stream_args(args)
-    folder = Path(models.resolve(args.model)[1]["dir"])
+    folder = _check_stream_args(args)
     config = AutoConfig.from_pretrained(folder)
     limit = getattr(config.get_text_config(), "max_position_embeddings", None)
     if args.method and limit and args.calib_len > limit:

@@ -267,3 +267,12 @@ def test_a_plan_streams_without_scoring(sharded, tmp_path, monkeypatch):
     assert res.plan.to_dict() == mem.plan.to_dict()
     ids = tiny_inputs(model.config, batch=2, seq=12, seed=6)
     torch.testing.assert_close(logits(tmp_path / "stream", ids), logits(tmp_path / "mem", ids), rtol=0, atol=1e-5)
+
+
+@pytest.mark.real
+def test_real_alias_streams_from_its_cached_folder(smollm2, capsys):
+    """`structlm prune smollm2-135m --stream` reads the alias's converted safetensors folder."""
+    rc = cli.main(["prune", "smollm2-135m", "--stream", "--method", "magnitude", "--target", "params=0.9",
+                   "--dry-run", "--threads", "1"])
+    assert rc == 0
+    assert "plan for llama" in capsys.readouterr().out

@@ -28,7 +28,7 @@ def checkpoint_files(folder: Path) -> dict[str, str]:
     folder = Path(folder)
     if not folder.is_dir():
         raise StreamError(f"--stream reads a local Hugging Face folder with safetensors weights; {folder} is not a "
-                          f"folder (an alias or .gguf file is dequantised in memory: prune it without --stream)")
+                          f"folder (a .gguf file is dequantised in memory: prune it without --stream)")
     if not (folder / "config.json").is_file():
         raise StreamError(f"--stream: {folder} has no config.json; give a Hugging Face model folder")
     if (folder / INDEX_FILE).is_file():
