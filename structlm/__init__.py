@@ -20,7 +20,8 @@ _LAZY = {
     "LayerPlan": ("plan", "LayerPlan"),
     "mask": ("surgery", "mask"),
     "shrink": ("surgery", "shrink"),
-    "study": ("study", "study"),   # the package is callable too (structlm/study/__init__.py)
+    "study": ("study", "study"),
+    "stream_prune": ("streaming", "stream_prune"),   # memory bounded by one decoder layer (docs/scale.md)   # the package is callable too (structlm/study/__init__.py)
 }
 
 

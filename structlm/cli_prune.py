@@ -72,6 +72,11 @@ def register(subparsers) -> None:
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, help="output folder (required unless --dry-run)")
     out.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    out.add_argument("--stream", action="store_true",
+                     help="streaming mode for models larger than memory: MODEL is a local safetensors folder, read "
+                          "one decoder layer at a time (two passes: score, then shrink and write shard by shard); "
+                          "methods magnitude, wanda_sp, flap, last_blocks or a --plan; no before/after evaluation "
+                          "(docs/scale.md)")
     out.add_argument("--dtype", choices=DTYPES, default="auto",
                      help="dtype of the saved weights and of the before/after evaluation (scores are always "
                           "computed in float32). auto: the source checkpoint's dtype; float32 for the built-in "
@@ -295,6 +300,75 @@ def _measured_here(table, args) -> bool:
 
 # ---- the verb ----------------------------------------------------------------------------------
 
+def _check_stream_args(args) -> Path:
+    """What streaming mode cannot do, refused before any work (after _check_args); returns the
+    checkpoint folder (a built-in alias streams from its converted safetensors folder in the cache)."""
+    from .streaming.checkpoint import StreamError, checkpoint_files
+    from .streaming.methods import REFUSED, refusal
+
+    kind, info = models.resolve(args.model)
+    if kind == "alias":
+        folder = models._ensure_alias_folder(info["alias"])   # converted once (small models), then reused
+    elif kind == "folder":
+        folder = Path(info["dir"])
+    else:
+        raise StreamError(f"--stream reads a local Hugging Face folder with safetensors weights; {args.model!r} is "
+                          f"{'a .gguf file' if kind == 'gguf' else 'a hub id'}, which is loaded (dequantised) in "
+                          f"memory: prune it without --stream, or save it as a folder first (docs/scale.md)")
+    checkpoint_files(folder)
+    if args.method in REFUSED:
+        raise StreamError(refusal(args.method))
+    if len(args.targets) > 1:
+        raise StreamError("--stream prunes to one target per run; give one --target (e.g. params=0.8)")
+    if args.targets[0] is not None and args.targets[0].is_latency:
+        raise StreamError(f"--stream: latency targets ({args.targets[0]}) are not supported in streaming mode; use "
+                          f"a params target (params=0.8)")
+    if args.latency_table is not None:
+        raise StreamError("--stream: --latency-table is not supported in streaming mode")
+    return folder
+
+
+def _run_stream(args, options: dict, plan) -> int:
+    """``structlm prune MODEL_DIR --stream``: :func:`structlm.streaming.stream_prune`."""
+    from transformers import AutoConfig
+
+    from .streaming import stream_prune
+
+    folder = _check_stream_args(args)
+    config = AutoConfig.from_pretrained(folder)
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if args.method and limit and args.calib_len > limit:
+        raise ValueError(f"--calib-len asks for {args.calib_len} tokens, more than the model's context of {limit} "
+                         f"(max_position_embeddings); use at most {limit}")
+    models.set_threads(args.threads)
+    calib = tokenizer = None
+    if args.method:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError):
+            raise ValueError(f"--stream: {folder} has no tokenizer to draw calibration samples with; add one "
+                             f"(tokenizer.save_pretrained) or use --plan") from None
+        calib = data.calibration_samples(tokenizer, args.calib_samples, args.calib_len, source=args.calib_data,
+                                         seed=args.seed)
+    if not args.dry_run and not args.no_eval:
+        print("streaming mode does not evaluate before/after (the whole model would be resident); evaluate the "
+              f"output with: structlm eval {args.out}")
+    result = stream_prune(folder, None if args.dry_run else args.out, method=args.method, target=args.target,
+                          calib=calib, plan=plan, options=options, align=args.align, dtype=args.dtype,
+                          tokenizer=tokenizer, device=args.device, force=args.force, dry_run=args.dry_run,
+                          recipe=lambda p, dtype: {**_recipe(args, options, p, dtype), "mode": "stream"})
+    print(result.plan.summary_text(result.graph))
+    if args.dry_run:
+        return 0
+    s = result.stats
+    print(f"  params {s['params_before']:,} -> {s['params_after']:,} ({s['params_kept']:.1%})")
+    print(f"saved to {args.out} ({s['format']} checkpoint, {str(next(result.model.parameters()).dtype).removeprefix('torch.')}, "
+          f"sharded safetensors, with a README.md model card)")
+    return 0
+
+
 def run(args) -> int:
     from . import export
     from .graph import build_graph
@@ -302,6 +376,9 @@ def run(args) -> int:
     from .targets import folder_name
 
     _check_args(args)
+    if getattr(args, "stream", False):
+        return _run_stream(args, _method_options(args) if args.method else {},
+                           PrunePlan.load(args.plan) if args.plan else None)
     options = _method_options(args) if args.method else {}
     plan = PrunePlan.load(args.plan) if args.plan else None  # read (and schema-checked) before any work
     models.set_threads(args.threads)

@@ -142,11 +142,13 @@ def remote_code(model) -> str:
 
 
 def write_checkpoint(model, tokenizer, folder, *, plan=None, recipe: dict | None = None,
-                     report: dict | None = None, name: str | None = None) -> str:
+                     report: dict | None = None, name: str | None = None, weights=None) -> str:
     """Write the checkpoint (weights in the model's dtype, config, tokenizer, remote code for
     per-layer shapes, plan/recipe/report JSON and a README.md model card) into the existing
     folder ``folder``; return its format, "uniform" or "heterogeneous".  ``name`` is the
-    output's folder name, used in the model card (default: ``folder``'s)."""
+    output's folder name, used in the model card (default: ``folder``'s).  ``weights(folder,
+    config)``: writes config and weights instead of ``save_pretrained`` (streaming mode, whose
+    ``model`` is the shrunk model on the meta device and whose shards are already written)."""
     from safetensors import SafetensorError
 
     folder = Path(folder)
@@ -158,7 +160,10 @@ def write_checkpoint(model, tokenizer, folder, *, plan=None, recipe: dict | None
         original_config = model.config
         model.config = config
         try:
-            model.save_pretrained(folder)
+            if weights is not None:
+                weights(folder, config)
+            else:
+                model.save_pretrained(folder)
         finally:
             model.config = original_config
         if kind == "heterogeneous":
@@ -199,6 +204,7 @@ def save(model, tokenizer, out, *, plan=None, recipe: dict | None = None, report
 
 FILE_ROLES = {
     "model.safetensors": "the weights",
+    "model.safetensors.index.json": "which shard (model-0000k-of-0000N.safetensors) holds each tensor",
     "config.json": "the model config",
     REMOTE_FILE: "per-layer shapes for `trust_remote_code=True` (no structlm needed)",
     "plan.json": "what was removed, in dependency-graph units (docs/formats.md)",

@@ -155,10 +155,16 @@ class InputStats:
             self.count[name] += x.shape[0]
         return hook
 
+    def attach(self, names=None, model=None) -> list:
+        """Register the recording hooks on ``names`` (default: all of them) of ``model`` (default:
+        the one given at construction); returns the handles.  Streaming mode
+        (:mod:`structlm.streaming`) attaches one layer's modules of its working copy at a time."""
+        model = self.model if model is None else model
+        return [model.get_submodule(name).register_forward_pre_hook(self._hook(name), with_kwargs=True)
+                for name in (self.names if names is None else names)]
+
     def collect(self, calib: torch.Tensor, batch_size: int = 4, handles: list | None = None) -> "InputStats":
-        own = []
-        for name in self.names:
-            own.append(self.model.get_submodule(name).register_forward_pre_hook(self._hook(name), with_kwargs=True))
+        own = self.attach()
         if handles is not None:
             handles.extend(own)
         try:

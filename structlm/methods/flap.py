@@ -69,21 +69,33 @@ def compensation(weight: torch.Tensor, in_dim: int, mean: torch.Tensor, removed:
     return (w.T if in_dim == 0 else w) @ mean[idx]
 
 
+def output_projections(model, layers) -> dict:
+    """{layer: {"attention": o_proj, "ffn": down_proj}} (the adapter's projections)."""
+    ad = get_adapter(model.config).bind({n: tuple(p.shape) for n, p in model.named_parameters()})
+    return {i: {"attention": ad.o(i), "ffn": ad.ffn_out(i)} for i in layers}
+
+
+def stat_modules(model, layers) -> list[str]:
+    """The modules whose inputs FLAP's scores of ``layers`` read (their output projections)."""
+    outs = output_projections(model, layers)
+    return [p.weight.rpartition(".")[0] for i in layers for p in outs[i].values()]
+
+
 def flap_scores(model, graph, calib, layers, *, gqa: str = "kv_groups", metric: str = "WIFV", batch_size: int = 4,
-                kinds=None) -> tuple[dict, InputStats, dict]:
+                kinds=None, stats: InputStats | None = None) -> tuple[dict, InputStats, dict]:
     """FLAP's standardised unit scores {(kind, layer): [count]} of ``layers`` on ``calib`` [N, L],
     with the input statistics and the output projections {layer: {"attention": o, "ffn": down}}
     (for the bias compensation).  ``kinds``: the attention kinds to score (default: the ``gqa``
-    mode's); FFN channels are always scored."""
+    mode's); FFN channels are always scored.  ``stats``: input statistics already collected over
+    :func:`stat_modules` (streaming mode), else collected here on ``calib``."""
     if metric not in METRICS:
         raise WidthError(f"flap: unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     params = dict(model.named_parameters())
-    ad = get_adapter(model.config).bind({n: tuple(p.shape) for n, p in params.items()})
-    outs = {i: {"attention": ad.o(i), "ffn": ad.ffn_out(i)} for i in layers}
-    names = [p.weight.rpartition(".")[0] for i in layers for p in outs[i].values()]
-    with model_state_guard(model) as handles:
-        model.eval()
-        stats = InputStats(model, names).collect(calib, batch_size, handles)
+    outs = output_projections(model, layers)
+    if stats is None:
+        with model_state_guard(model) as handles:
+            model.eval()
+            stats = InputStats(model, stat_modules(model, layers)).collect(calib, batch_size, handles)
 
     attn_kinds = tuple(kinds) if kinds else (attention_kind(graph, gqa),)
     per_group = graph.n_heads // graph.n_kv
@@ -102,27 +114,29 @@ def flap_scores(model, graph, calib, layers, *, gqa: str = "kv_groups", metric: 
     return scores, stats, outs
 
 
-@register("flap")
-@torch.no_grad()
-def flap(model, graph, target, calib, **options):
+def flap_options(model, graph, target, options: dict) -> dict:
+    """Parse and check FLAP's options (reach included) before any scoring."""
     alloc, gqa, layers, prune_hidden = width_options(model, graph, options, default_allocation="global")
-    metric = options.pop("metric", "WIFV")
-    bias = options.pop("bias", "auto")
-    batch_size = int(options.pop("batch_size", 4))
-    global_score = options.pop("global_score", "raw")
+    opts = dict(alloc=alloc, gqa=gqa, layers=layers, metric=options.pop("metric", "WIFV"),
+                bias=options.pop("bias", "auto"), batch_size=int(options.pop("batch_size", 4)),
+                global_score=options.pop("global_score", "raw"))
     reject_unknown("flap", options)
     if prune_hidden:
         raise WidthError("flap prunes heads and FFN channels only; hidden channels (--prune-hidden) are not part "
                          "of FLAP (use magnitude, wanda_sp or llm_pruner)")
     alloc["hidden_option"] = False   # so an out-of-reach error does not offer --prune-hidden
     check_reach(graph, target, gqa, layers, alloc, prune_hidden)
-    if metric not in METRICS:
-        raise WidthError(f"flap: unknown metric {metric!r}; choose from {', '.join(METRICS)}")
-    scores, stats, outs = flap_scores(model, graph, calib, layers, gqa=gqa, metric=metric, batch_size=batch_size)
-    params = dict(model.named_parameters())
-    ad = get_adapter(model.config).bind({n: tuple(p.shape) for n, p in params.items()})
-    hd = graph.head_dim
+    if opts["metric"] not in METRICS:
+        raise WidthError(f"flap: unknown metric {opts['metric']!r}; choose from {', '.join(METRICS)}")
+    return opts
 
+
+def flap_plan(model, graph, target, scores: dict, opts: dict):
+    """Allocate the scored units (budgeting for the new biases): (plan, info, compensate).  The
+    model's weights are not read (shapes only)."""
+    layers, bias = opts["layers"], opts["bias"]
+    outs = output_projections(model, layers)
+    ad = get_adapter(model.config).bind({n: tuple(p.shape) for n, p in model.named_parameters()})
     # new biases make the model larger (Llama: every projection of the kind gets one): budget for them
     can_bias = graph.family in BIAS_FLAGS or all(outs[i][k].bias for i in layers for k in ("attention", "ffn"))
     if bias is True and not can_bias:
@@ -139,24 +153,42 @@ def flap(model, graph, target, calib, **options):
         t = parse_target(target)
         if t.kind == "params":    # (a latency target: the bias adds are not in the table; a few us per layer)
             target = Target("params", t.value - extra / graph.total_params)
-    plan, info = allocate(graph, scores, target, layers=layers, global_score=global_score, **alloc)
-
-    if compensate:
-        for i in layers:
-            lp = plan.layer(i)
-            removed_heads = sorted(set(range(graph.n_heads)) - set(plan.kept_heads(graph, i)))
-            for sub, proj, removed in (
-                    ("attention", outs[i]["attention"], [h * hd + d for h in removed_heads for d in range(hd)]),
-                    ("ffn", outs[i]["ffn"], sorted(set(range(graph.intermediate)) - set(plan.kept_ffn(graph, i))))):
-                if not removed or not getattr(lp, sub):
-                    continue
-                module = proj.weight.rpartition(".")[0]
-                delta = compensation(params[proj.weight], input_dim(model.get_submodule(module)),
-                                     stats.mean(module), removed)
-                old = params[proj.bias].detach().double() if proj.bias else 0.0
-                plan.updates[proj.weight[:-len(".weight")] + ".bias"] = (old + delta).float()
-    info.update(method="flap", metric=metric, gqa=gqa, layers=layers,
+    plan, info = allocate(graph, scores, target, layers=layers, global_score=opts["global_score"], **opts["alloc"])
+    info.update(method="flap", metric=opts["metric"], gqa=opts["gqa"], layers=layers,
                 bias_compensation=compensate if compensate or not bias else
-                f"skipped: {graph.family} cannot hold new output biases",
-                compensated_biases=len(plan.updates), calibration=list(calib.shape), scores=score_summary(scores))
+                f"skipped: {graph.family} cannot hold new output biases", scores=score_summary(scores))
+    return plan, info, compensate
+
+
+def compensate_biases(model, graph, plan, stats: InputStats, layers) -> None:
+    """Put FLAP's compensated output biases of ``layers`` into ``plan.updates`` (reads those
+    layers' output projections and the calibration means of their inputs)."""
+    params = dict(model.named_parameters())
+    outs = output_projections(model, layers)
+    hd = graph.head_dim
+    for i in layers:
+        lp = plan.layer(i)
+        removed_heads = sorted(set(range(graph.n_heads)) - set(plan.kept_heads(graph, i)))
+        for sub, proj, removed in (
+                ("attention", outs[i]["attention"], [h * hd + d for h in removed_heads for d in range(hd)]),
+                ("ffn", outs[i]["ffn"], sorted(set(range(graph.intermediate)) - set(plan.kept_ffn(graph, i))))):
+            if not removed or not getattr(lp, sub):
+                continue
+            module = proj.weight.rpartition(".")[0]
+            delta = compensation(params[proj.weight], input_dim(model.get_submodule(module)),
+                                 stats.mean(module), removed)
+            old = params[proj.bias].detach().double() if proj.bias else 0.0
+            plan.updates[proj.weight[:-len(".weight")] + ".bias"] = (old + delta).float()
+
+
+@register("flap")
+@torch.no_grad()
+def flap(model, graph, target, calib, **options):
+    opts = flap_options(model, graph, target, options)
+    scores, stats, _ = flap_scores(model, graph, calib, opts["layers"], gqa=opts["gqa"], metric=opts["metric"],
+                                   batch_size=opts["batch_size"])
+    plan, info, compensate = flap_plan(model, graph, target, scores, opts)
+    if compensate:
+        compensate_biases(model, graph, plan, stats, opts["layers"])
+    info.update(compensated_biases=len(plan.updates), calibration=list(calib.shape))
     return plan, info

@@ -35,19 +35,31 @@ def magnitude_scores(model, graph, layers, *, p: float = 2.0, gqa: str = "kv_gro
                                 post=lambda v: v.clamp_min(0).pow(1.0 / p))
 
 
+def magnitude_options(model, graph, target, options: dict) -> dict:
+    """Parse and check magnitude's options (reach included) before any scoring."""
+    alloc, gqa, layers, prune_hidden = width_options(model, graph, options)
+    opts = dict(alloc=alloc, gqa=gqa, layers=layers, prune_hidden=prune_hidden, p=float(options.pop("p", 2)),
+                aggregate=options.pop("aggregate", "sum"), global_score=options.pop("global_score", "density"))
+    reject_unknown("magnitude", options)
+    check_reach(graph, target, gqa, layers, alloc, prune_hidden)
+    return opts
+
+
+def magnitude_plan(graph, target, scores: dict, opts: dict) -> tuple:
+    """Allocate the scored units: (plan, info)."""
+    scores = dict(scores)
+    hidden_scores = scores.pop(("hidden_channel", None), None)
+    plan, info = allocate(graph, scores, target, layers=opts["layers"], hidden_scores=hidden_scores,
+                          global_score=opts["global_score"], **opts["alloc"])
+    info.update(method="magnitude", p=opts["p"], aggregate=opts["aggregate"], gqa=opts["gqa"], layers=opts["layers"],
+                prune_hidden=opts["prune_hidden"], scores=score_summary(scores))
+    return plan, info
+
+
 @register("magnitude")
 @torch.no_grad()
 def magnitude(model, graph, target, calib=None, **options):
-    alloc, gqa, layers, prune_hidden = width_options(model, graph, options)
-    p = float(options.pop("p", 2))
-    how = options.pop("aggregate", "sum")
-    global_score = options.pop("global_score", "density")
-    reject_unknown("magnitude", options)
-    check_reach(graph, target, gqa, layers, alloc, prune_hidden)
-    scores = magnitude_scores(model, graph, layers, p=p, gqa=gqa, aggregate=how, hidden=prune_hidden)
-    hidden_scores = scores.pop(("hidden_channel", None), None)
-    plan, info = allocate(graph, scores, target, layers=layers, hidden_scores=hidden_scores,
-                          global_score=global_score, **alloc)
-    info.update(method="magnitude", p=p, aggregate=how, gqa=gqa, layers=layers, prune_hidden=prune_hidden,
-                scores=score_summary(scores))
-    return plan, info
+    opts = magnitude_options(model, graph, target, options)
+    scores = magnitude_scores(model, graph, opts["layers"], p=opts["p"], gqa=opts["gqa"], aggregate=opts["aggregate"],
+                              hidden=opts["prune_hidden"])
+    return magnitude_plan(graph, target, scores, opts)

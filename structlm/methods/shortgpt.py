@@ -61,18 +61,41 @@ def _sums(runner, calib, batch_size, fn):
     return sums, tokens
 
 
+def block_step(runner, i, h, ctx):
+    """Block ``i`` on ``h``: ({(i, "block"): sum over tokens of 1 - cos(x_in, x_out)}, x_out)."""
+    out = runner.layer(i, h, ctx)
+    cos = F.cosine_similarity(h.float(), out.float(), dim=-1)
+    return {(i, "block"): float((1 - cos).sum())}, out
+
+
+def _angular(a, b):
+    cos = F.cosine_similarity(a.float(), b.float(), dim=-1).clamp(-1.0, 1.0)
+    return float((torch.arccos(cos) / math.pi).sum())
+
+
+def sublayer_step(runner, i, h, ctx):
+    """Layer ``i`` on ``h`` in two halves: ({(i, "attention"|"ffn"): angular distance sums}, out)."""
+    mid = runner.layer(i, h, ctx, ffn=False)          # h + attention
+    out = runner.layer(i, mid, ctx, attention=False)  # mid + FFN: the same as the whole layer
+    return {(i, "attention"): _angular(h, mid), (i, "ffn"): _angular(mid, out)}, out
+
+
 def block_influence(model, calib, *, batch_size: int = 8) -> list[float]:
     """ShortGPT's BI of every block on ``calib`` [N, L]: 1 - mean cos(x_in, x_out) over all tokens."""
     runner = LayerRunner(model)
-
-    def block(i, h, ctx):
-        out = runner.layer(i, h, ctx)
-        cos = F.cosine_similarity(h.float(), out.float(), dim=-1)
-        return {(i, "block"): float((1 - cos).sum())}, out
-
     with torch.inference_mode():
-        sums, tokens = _sums(runner, calib, batch_size, block)
+        sums, tokens = _sums(runner, calib, batch_size, lambda i, h, ctx: block_step(runner, i, h, ctx))
     return [sums[(i, "block")] / tokens for i in range(runner.n)]
+
+
+def shortgpt_plan(graph, target, bi: list[float], seconds: float):
+    """The blocks with the lowest BI, removed until ``target``: (plan, info)."""
+    scores = {(i, "block"): v for i, v in enumerate(bi)}
+    plan, order = _one_shot(graph, target, scores, "shortgpt")
+    info = {"score": "BI = 1 - mean cos(x_in, x_out) over calibration tokens",
+            "block_influence": [scores[(i, "block")] for i in range(graph.n_layers)],
+            "removal_order": order, "forwards": 1, "seconds": round(seconds, 2)}
+    return plan, info
 
 
 @register("shortgpt")
@@ -81,30 +104,15 @@ def shortgpt(model, graph, target, calib, *, batch_size: int = 8, **unknown):
     reject_unknown_options("shortgpt", unknown, shortgpt)
     started = time.perf_counter()
     bi = block_influence(model, calib, batch_size=batch_size)
-    scores = {(i, "block"): v for i, v in enumerate(bi)}
-    plan, order = _one_shot(graph, target, scores, "shortgpt")
-    info = {"score": "BI = 1 - mean cos(x_in, x_out) over calibration tokens",
-            "block_influence": [scores[(i, "block")] for i in range(graph.n_layers)],
-            "removal_order": order, "forwards": 1, "seconds": round(time.perf_counter() - started, 2)}
-    return plan, info
+    return shortgpt_plan(graph, target, bi, time.perf_counter() - started)
 
 
 def angular_distances(model, calib, *, batch_size: int = 8) -> dict:
     """ShortGPT's angular distance of every sublayer on ``calib`` [N, L]: mean arccos(cos(h_in, h_out))/pi
     over all tokens -> {"attention": [per layer], "ffn": [per layer]}."""
     runner = LayerRunner(model)
-
-    def angular(a, b):
-        cos = F.cosine_similarity(a.float(), b.float(), dim=-1).clamp(-1.0, 1.0)
-        return float((torch.arccos(cos) / math.pi).sum())
-
-    def sublayers(i, h, ctx):
-        mid = runner.layer(i, h, ctx, ffn=False)          # h + attention
-        out = runner.layer(i, mid, ctx, attention=False)  # mid + FFN: the same as the whole layer
-        return {(i, "attention"): angular(h, mid), (i, "ffn"): angular(mid, out)}, out
-
     with torch.inference_mode():
-        sums, tokens = _sums(runner, calib, batch_size, sublayers)
+        sums, tokens = _sums(runner, calib, batch_size, lambda i, h, ctx: sublayer_step(runner, i, h, ctx))
     return {kind: [sums[(i, kind)] / tokens for i in range(runner.n)] for kind in ("attention", "ffn")}
 
 
@@ -114,10 +122,15 @@ def shortgpt_angular(model, graph, target, calib, *, batch_size: int = 8, **unkn
     reject_unknown_options("shortgpt_angular", unknown, shortgpt_angular)
     started = time.perf_counter()
     angular = angular_distances(model, calib, batch_size=batch_size)
+    return shortgpt_angular_plan(graph, target, angular, time.perf_counter() - started)
+
+
+def shortgpt_angular_plan(graph, target, angular: dict, seconds: float):
+    """The sublayers with the lowest angular distance, removed until ``target``: (plan, info)."""
     scores = {(i, kind): angular[kind][i] for i in range(graph.n_layers) for kind in ("attention", "ffn")}
     plan, order = _one_shot(graph, target, scores, "shortgpt_angular")
     info = {"score": "mean arccos(cos(h_in, h_out))/pi per sublayer over calibration tokens",
             "angular": {"attention": [scores[(i, "attention")] for i in range(graph.n_layers)],
                         "ffn": [scores[(i, "ffn")] for i in range(graph.n_layers)]},
-            "removal_order": order, "forwards": 1, "seconds": round(time.perf_counter() - started, 2)}
+            "removal_order": order, "forwards": 1, "seconds": round(seconds, 2)}
     return plan, info

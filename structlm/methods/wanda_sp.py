@@ -38,6 +38,13 @@ def projection_modules(model, graph, layers) -> dict:
     return out
 
 
+def stat_modules(model, graph, layers, scope: str = "out", hidden: bool = False) -> list[str]:
+    """The modules whose inputs Wanda-SP's scores of ``layers`` read."""
+    mods = projection_modules(model, graph, layers)
+    return [w.rpartition(".")[0] for i in layers for w in mods[i]["out"]
+            + (mods[i]["in"] if scope == "unit" or hidden else [])]
+
+
 def wanda_elements(model, stats: InputStats):
     params = dict(model.named_parameters())
     cache: dict = {}
@@ -58,19 +65,21 @@ def wanda_elements(model, stats: InputStats):
 
 
 def wanda_sp_scores(model, graph, calib, layers, *, gqa: str = "kv_groups", scope: str = "out",
-                    aggregate: str = "sum", batch_size: int = 4, hidden: bool = False, kinds=None) -> dict:
+                    aggregate: str = "sum", batch_size: int = 4, hidden: bool = False, kinds=None,
+                    stats: InputStats | None = None) -> dict:
     """Wanda-SP unit scores {(kind, layer): [count]} of ``layers`` on ``calib`` [N, L] (and
     ("hidden_channel", None) with ``hidden``).  ``kinds``: the attention/FFN unit kinds to score
-    (default: the ``gqa`` mode's attention kind and "ffn_channel")."""
+    (default: the ``gqa`` mode's attention kind and "ffn_channel").  ``stats``: input statistics
+    already collected (over :func:`stat_modules`; streaming mode), else collected here on ``calib``."""
     if scope not in ("out", "unit"):
         raise WidthError(f"wanda_sp: scope must be 'out' or 'unit', not {scope!r}")
     stat_layers = range(graph.n_layers) if hidden else layers
     mods = projection_modules(model, graph, stat_layers)
-    names = [w.rpartition(".")[0] for i in stat_layers for w in mods[i]["out"]
-             + (mods[i]["in"] if scope == "unit" or hidden else [])]
-    with model_state_guard(model) as handles:
-        model.eval()
-        stats = InputStats(model, names).collect(calib, batch_size, handles)
+    if stats is None:
+        with model_state_guard(model) as handles:
+            model.eval()
+            stats = InputStats(model, stat_modules(model, graph, stat_layers, scope, hidden)).collect(
+                calib, batch_size, handles)
     elem = wanda_elements(model, stats)
     kinds = tuple(kinds) if kinds else (attention_kind(graph, gqa), "ffn_channel")
     scores = {}
@@ -83,23 +92,35 @@ def wanda_sp_scores(model, graph, calib, layers, *, gqa: str = "kv_groups", scop
     return scores
 
 
+def wanda_sp_options(model, graph, target, options: dict) -> dict:
+    """Parse and check wanda_sp's options (reach included) before any scoring."""
+    alloc, gqa, layers, prune_hidden = width_options(model, graph, options)
+    opts = dict(alloc=alloc, gqa=gqa, layers=layers, prune_hidden=prune_hidden, scope=options.pop("scope", "out"),
+                aggregate=options.pop("aggregate", "sum"), batch_size=int(options.pop("batch_size", 4)),
+                global_score=options.pop("global_score", "density"))
+    reject_unknown("wanda_sp", options)
+    check_reach(graph, target, gqa, layers, alloc, prune_hidden)
+    if opts["scope"] not in ("out", "unit"):
+        raise WidthError(f"wanda_sp: scope must be 'out' or 'unit', not {opts['scope']!r}")
+    return opts
+
+
+def wanda_sp_plan(graph, target, scores: dict, opts: dict, calib_shape) -> tuple:
+    """Allocate the scored units: (plan, info)."""
+    scores = dict(scores)
+    hidden_scores = scores.pop(("hidden_channel", None), None)
+    plan, info = allocate(graph, scores, target, layers=opts["layers"], hidden_scores=hidden_scores,
+                          global_score=opts["global_score"], **opts["alloc"])
+    info.update(method="wanda_sp", scope=opts["scope"], aggregate=opts["aggregate"], gqa=opts["gqa"],
+                layers=opts["layers"], prune_hidden=opts["prune_hidden"], calibration=list(calib_shape),
+                scores=score_summary(scores))
+    return plan, info
+
+
 @register("wanda_sp")
 @torch.no_grad()
 def wanda_sp(model, graph, target, calib, **options):
-    alloc, gqa, layers, prune_hidden = width_options(model, graph, options)
-    scope = options.pop("scope", "out")
-    how = options.pop("aggregate", "sum")
-    batch_size = int(options.pop("batch_size", 4))
-    global_score = options.pop("global_score", "density")
-    reject_unknown("wanda_sp", options)
-    check_reach(graph, target, gqa, layers, alloc, prune_hidden)
-    if scope not in ("out", "unit"):
-        raise WidthError(f"wanda_sp: scope must be 'out' or 'unit', not {scope!r}")
-    scores = wanda_sp_scores(model, graph, calib, layers, gqa=gqa, scope=scope, aggregate=how,
-                             batch_size=batch_size, hidden=prune_hidden)
-    hidden_scores = scores.pop(("hidden_channel", None), None)
-    plan, info = allocate(graph, scores, target, layers=layers, hidden_scores=hidden_scores,
-                          global_score=global_score, **alloc)
-    info.update(method="wanda_sp", scope=scope, aggregate=how, gqa=gqa, layers=layers, prune_hidden=prune_hidden,
-                calibration=list(calib.shape), scores=score_summary(scores))
-    return plan, info
+    opts = wanda_sp_options(model, graph, target, options)
+    scores = wanda_sp_scores(model, graph, calib, opts["layers"], gqa=opts["gqa"], scope=opts["scope"],
+                             aggregate=opts["aggregate"], batch_size=opts["batch_size"], hidden=opts["prune_hidden"])
+    return wanda_sp_plan(graph, target, scores, opts, calib.shape)
