@@ -195,7 +195,8 @@ def data_dependence(study: dict, folder: Path) -> list[tuple[str, str]]:
         ax.axvline(0, color="black", lw=0.5)
         ax.set_xlabel("rank correlation between data sources")
         ax.axvline(1, color="grey", lw=0.5)
-        ax.legend(fontsize=7, loc="lower left")
+        # outside the axes: the bars can fill either end of the plot
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.set_title(f"{m['name']}: agreement of each criterion across "
                      f"{' / '.join(study['sources'][s]['label'] for s in sources)}")
         figs.append((_save(fig, folder / "data_agreement.png"),
