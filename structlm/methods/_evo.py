@@ -16,7 +16,10 @@ the judge (Sieberling et al. 2024, EvoPress; Tang et al. 2025, DarwinLM):
   switch moves up to an eighth of a sublayer).  Levels of different sublayers remove different
   amounts, so a switch can break the budget: it is then **repaired** by raising the level of
   random other sublayers (not the lowered ones) one at a time until the budget holds; a child
-  that cannot be repaired, repeats the parent or repeats another child is dropped.  Every
+  that cannot be repaired, repeats the parent or repeats another child is dropped.  The slack a
+  child has left (a raise removes more than the lowering gave back) is then spent: one pass over
+  the sublayers not raised, in random order, lowers each by one level where the budget still
+  holds, so children stay at the budget's edge as the DP's choice does.  Every
   candidate meets the same budget as the DP: params targets ``removed params >= dense - budget``
   (``removed_params``, the DP's accounting), latency targets ``predicted time <= budget``
   priced per layer by the same ``LatencyTable.layer_ms`` of the (attention, FFN) configuration
@@ -343,11 +346,21 @@ def mutate(parent: list[int], db, budget, rng: random.Random) -> list[int] | Non
         if up:
             u = rng.choice(up)
             child[u] = min(last[u], child[u] + k)
+    raised = {s for s in range(len(child)) if child[s] > parent[s]}
     while not budget.feasible(child):
         up = [s for s in range(len(child)) if s not in lowered and child[s] < last[s]]
         if not up:
             return None
-        child[rng.choice(up)] += 1
+        u = rng.choice(up)
+        child[u] += 1
+        raised.add(u)
+    # spend the slack the switches and the repair leave (else it piles up over generations)
+    others = [s for s in range(len(child)) if s not in raised and child[s] > 0]
+    rng.shuffle(others)
+    for s in others:
+        child[s] -= 1
+        if not budget.feasible(child):
+            child[s] += 1
     return child
 
 
