@@ -21,6 +21,9 @@ Two passes over the calibration data, both on :class:`structlm.calibration.Seque
    count in ``buckets`` steps (each level's removal rounded *down* to a step, so the chosen plan
    never exceeds the budget; the rounding costs at most one step per sublayer).
    ``allocation="uniform"`` takes the same fraction of every sublayer instead (for comparison).
+   With ``search="evo"`` the DP's choice is the first parent of an evolutionary search scored by
+   the calibration KL of the assembled model (:mod:`structlm.methods._evo`); its winner goes on
+   to step 3.
 3. **Reconstruction** (:func:`reconstruct`) for the chosen plan, layer by layer: the kept
    columns of o_proj / down_proj are re-fitted by least squares (``W H[:, K] H[K, K]^-1``, the
    OBS optimum) on the inputs the *pruned and reconstructed* earlier layers give
@@ -30,7 +33,9 @@ Two passes over the calibration data, both on :class:`structlm.calibration.Seque
 Options: ``damp`` (0.01), ``allocation`` ("dp" | "uniform"), ``layers`` ("all"), ``align`` (8),
 ``ffn_step`` (= align), ``sequential`` (True), ``batch_size`` (8), ``buckets`` (20000),
 ``levels`` (a :class:`LevelDatabase` or a folder saved by ``save_levels``), ``save_levels``
-(folder).  Families: those the layer runner runs (llama, mistral, qwen2, qwen3, gemma3, phi3).
+(folder), ``search`` ("dp" | "evo") with ``evo_generations`` (20), ``evo_offspring`` (8),
+``evo_seconds`` (no limit), ``evo_tokens`` (4096), ``evo_seed`` (0).  Families: those the layer
+runner runs (llama, mistral, qwen2, qwen3, gemma3, phi3).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import register, reject_unknown_options
+from . import _evo, register, reject_unknown_options
 from ._layers import LayerRunner
 from ._width import WidthError, input_dim, parse_layers
 from ..calibration import Sequential
@@ -640,7 +645,7 @@ def reconstruct(model, graph, plan: PrunePlan, calib: torch.Tensor, *, damp: flo
 # ---- the method -------------------------------------------------------------------------------
 
 _OPTIONS = ("damp", "allocation", "error_scale", "layers", "align", "ffn_step", "sequential", "batch_size", "buckets", "levels",
-            "save_levels", "progress")
+            "save_levels", "progress") + _evo.OPTIONS
 
 
 def _levels_for(model, graph, calib, opts) -> LevelDatabase:
@@ -677,6 +682,10 @@ def _options(graph, options: dict) -> dict:
         raise ZipLMError(f"ziplm: unknown error_scale {opts['error_scale']!r}; choose from {', '.join(ERROR_SCALES)}")
     if opts["allocation"] not in ALLOCATIONS:
         raise ZipLMError(f"ziplm: unknown allocation {opts['allocation']!r}; choose from {', '.join(ALLOCATIONS)}")
+    opts["evo"] = _evo.parse_options(options, ZipLMError)
+    if opts["evo"]["search"] == "evo" and opts["allocation"] != "dp":
+        raise ZipLMError(f"ziplm: search=evo refines the dynamic programme's choice; it takes allocation=dp, "
+                         f"not {opts['allocation']}")
     return opts
 
 
@@ -707,9 +716,19 @@ def ziplm(model, graph, target, calib, **options):
         db.save(opts["save_levels"])
     choice, info = allocate_levels(db, graph, t, allocation=opts["allocation"], buckets=opts["buckets"],
                                    error_scale=opts["error_scale"])
-    plan = plan_from_choice(db, graph, choice, opts["align"])
     if calib is None:
         raise ZipLMError("ziplm reconstructs the kept weights on calibration data: calibration token ids are needed")
+    evo = dict(opts["evo"])
+    if evo.pop("search") == "evo":
+        dp = {k: info[k] for k in ("summed_error", "planned_removed_params", "planned_ms") if k in info}
+        choice, search = _evo.refine(model, graph, db, t, choice, calib, damp=opts["damp"],
+                                     batch_size=opts["batch_size"], progress=opts["progress"], **evo)
+        info.update(_evo.budget_for(db, graph, t).describe(choice),
+                    summed_error=sum(scaled_error(s, s.levels[j], info["error_scale"]) for s, j in zip(db.sublayers, choice)))
+        info["search"] = {**search, "dp": dp}
+    else:
+        info["search"] = {"method": "dp"}
+    plan = plan_from_choice(db, graph, choice, opts["align"])
     updates, per_layer = reconstruct(model, graph, plan, calib, damp=opts["damp"], sequential=opts["sequential"],
                                      batch_size=opts["batch_size"], progress=opts["progress"])
     plan.updates = updates
