@@ -183,8 +183,13 @@ def test_modegpt_options_and_refusals():
         run(modules="ffn,qk")
     plan, info, _ = run("params=0.9", modules="vo")
     assert info["modules"] == ["vo"] and all(lp.ffn_channels is None for lp in plan.layers.values())
-    with pytest.raises(M.MoDeGPTError, match="out of reach.*cap"):
+    with pytest.raises(M.MoDeGPTError, match="modules includes qk"):
+        run(modules="ffn+qk")                     # the + form (benchmark specs) means the same
+    with pytest.raises(M.MoDeGPTError, match=r"out of reach.*higher cap \(-O cap=0\.9\)"):
         run("params=0.2")
+    with pytest.raises(M.MoDeGPTError, match="out of reach") as refused:
+        run("params=0.05", cap=0.95)
+    assert "higher cap" not in str(refused.value)   # no fix that is no fix
     with pytest.raises(M.MoDeGPTError, match="unknown option"):
         run(lamda=1)
     with pytest.raises(M.MoDeGPTError, match="allocation"):

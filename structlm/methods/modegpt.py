@@ -195,19 +195,21 @@ def solve_phi(graph, importance, budget: float, opts: dict, modules, target=None
 
     phis, counts, fastest = plan_at(opts["cap"])
     if fastest > budget:
+        higher = min(0.95, round(opts["cap"] + 0.1, 2))
+        cap_fix = f", a higher cap (-O cap={higher:g})" if higher > opts["cap"] else ""
         if latency:
             dense = target.latency.dense_ms(graph)
             raise MoDeGPTError(
                 f"modegpt: the target {target} is out of reach: compressing every layer's FFN by the cap {opts['cap']:g} "
                 f"is predicted at {fastest:.2f} ms (x{dense / fastest:.2f} of the dense {dense:.2f} ms; head-dim "
                 f"pruning is priced at full attention time). Fix: a milder target (speedup="
-                f"{math.floor(dense / fastest * 100) / 100:g} or less), a higher cap (-O cap=0.9), or ziplm, which "
+                f"{math.floor(dense / fastest * 100) / 100:g} or less){cap_fix}, or ziplm, which "
                 f"also removes heads and sublayers")
         kept = fastest / graph.total_params
         raise MoDeGPTError(
             f"modegpt: the target is out of reach: compressing every layer's {', '.join(sorted(modules))} by the cap "
             f"{opts['cap']:g} keeps {kept:.1%} of the parameters. Fix: a milder target (params="
-            f"{math.ceil(kept * 1000) / 1000:g} or more), or a higher cap (-O cap=0.9)")
+            f"{math.ceil(kept * 1000) / 1000:g} or more){cap_fix}, or ziplm, which also removes sublayers and blocks")
     lo, hi = 0.0, opts["cap"]
     for _ in range(50):
         mid = (lo + hi) / 2
@@ -422,7 +424,9 @@ def _options(graph, options: dict) -> tuple[dict, list[str], dict]:
             notes["qk"] = f"skipped: {refusal}"
     else:
         spec = opts["modules"]
-        modules = [m.strip() for m in (spec.split(",") if isinstance(spec, str) else spec) if str(m).strip()]
+        # "ffn,vo" or "ffn+vo" (the + form fits inside a benchmark's method[key=value,...] spec)
+        modules = [m.strip() for m in (spec.replace("+", ",").split(",") if isinstance(spec, str) else spec)
+                   if str(m).strip()]
         bad = [m for m in modules if m not in MODULES]
         if bad or not modules:
             raise MoDeGPTError(f"modegpt: modules {spec!r}: choose a subset of {', '.join(MODULES)} (e.g. ffn,vo) or auto")
