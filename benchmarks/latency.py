@@ -33,18 +33,21 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(HERE))
 
 from structlm import evaluate, models, zeroshot   # noqa: E402
 from structlm.graph import build_graph            # noqa: E402
 from structlm.latency import Regime, measure_models, table_for   # noqa: E402
 from structlm.latency.validate import validate_table               # noqa: E402
 
-RESULTS = HERE / "results"
+RESULTS_DIR = [HERE / "results"]   # --results replaces it
 REGIMES = {"prefill": dict(phase="prefill", batch=1, seq=128), "decode": dict(phase="decode", batch=1, seq=128)}
-METHODS = ["ziplm", "flap", "wanda_sp", "magnitude", "llm_pruner", "shortgpt", "finercut", "tp:l2"]
+METHODS = ["ziplm", "tp:l2", "tp:taylor-hidden-kept", "flap", "wanda_sp", "shortgpt", "modegpt", "llm_pruner", "magnitude", "sleb", "finercut"]
 TASKS = ["arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq"]
 
 
@@ -55,9 +58,9 @@ def environment(threads: int) -> dict:
 
 
 def write(name: str, result: dict, markdown: str) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"latency_{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"latency_{name}.md").write_text(markdown)
+    RESULTS_DIR[0].mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR[0] / f"latency_{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS_DIR[0] / f"latency_{name}.md").write_text(markdown)
     print(markdown)
 
 
@@ -75,7 +78,7 @@ def table_of(model_name: str, regime: Regime):
 # ---- suite: validate -------------------------------------------------------------------------------
 
 def suite_validate(args) -> None:
-    path = RESULTS / "latency_validation.json"
+    path = RESULTS_DIR[0] / "latency_validation.json"
     rows = json.loads(path.read_text())["rows"] if path.exists() and not args.fresh else []
     for model_name in args.models:
         for regime_name in args.regimes:
@@ -186,84 +189,173 @@ def suite_targets(args) -> None:
 # ---- suite: methods --------------------------------------------------------------------------------
 
 def suite_methods(args) -> None:
-    from structlm import data
+    """Two phases, so that the timing is one quiet round-robin run: ``prune`` makes every (method,
+    target) checkpoint with its quality figures (no timing; any thread count, other work may run),
+    ``time`` loads a model's checkpoints and times them beside the dense model, paired."""
+    RESULTS_DIR[0].mkdir(parents=True, exist_ok=True)
+    results_path = RESULTS_DIR[0] / "latency_methods.json"
+    old = json.loads(results_path.read_text()) if results_path.exists() and not args.fresh else {"rows": []}
+    result = {"command": old.get("command", args.command), "environment": environment(args.threads),
+              "rows": old["rows"], "timing": old.get("timing", {})}
+    if args.phase in ("prune", "all"):
+        result["command"] = args.command
+        for model_name in args.models:
+            prune_methods(args, model_name, result, results_path)
+    if args.phase in ("time", "all"):
+        result["timing_command"] = args.command
+        for model_name in args.models:
+            time_methods(args, model_name, result, results_path)
+    results_path.write_text(json.dumps(result, indent=1) + "\n")
+    write("methods", result, methods_markdown(result, args))
+    pareto_plot(result["rows"], RESULTS_DIR[0] / "latency_pareto.png")
+
+
+def checkpoint_path(args, model_name: str, method: str, key: str) -> Path:
+    slug = "".join(c if c.isalnum() or c in "._=-" else "_" for c in f"{method}_{key}")
+    return Path(args.work) / "methods" / model_name / f"{slug}.pt"
+
+
+def prune_methods(args, model_name: str, result: dict, results_path: Path) -> None:
+    """Prune ``model_name`` by every method at every target; the shrunk model is pickled whole
+    (Torch-Pruning's models have per-layer shapes no config describes) for the timing phase."""
+    from run import method_spec   # benchmarks/run.py: "m[k=v,...]" specs as the width suite names rows
+
+    from structlm import data, methods
     from structlm.anchors import tp_prune_to_params
     from structlm.pipeline import make_plan
     from structlm.surgery import shrink
 
-    results_path = RESULTS / "latency_methods.json"
-    old = json.loads(results_path.read_text()) if results_path.exists() and not args.fresh else {"rows": []}
-    rows = old["rows"]
+    rows = result["rows"]
     done = {(r["model"], r["method"], r["target"]) for r in rows}
-    regime = regime_for("prefill", args.threads)
-    for model_name in args.models:
-        dense, tok = models.load_model(model_name)
-        graph = build_graph(dense)
-        _, _, table = table_of(model_name, regime)
-        calib = data.calibration_samples(tok, 32, 256)
-        dense_ppl = evaluate.perplexity(dense, tok, seq_len=2048, max_tokens=args.eval_tokens, progress=False)["ppl"]
-        for method in args.methods:
-            targets = args.tp_params if method.startswith("tp:") else args.speedups
+    todo = [(m, t) for m in args.methods for t in (args.tp_params if m.startswith("tp:") else args.speedups)
+            if (model_name, m, f"params={t:g}" if m.startswith("tp:") else f"speedup={t:g}") not in done]
+    if not todo:
+        return
+    models.set_threads(args.work_threads)
+    regime = regime_for("prefill", args.threads)       # the table of the timing regime, whatever threads prune
+    dense, tok = models.load_model(model_name)
+    graph = build_graph(dense)
+    _, _, table = table_of(model_name, regime)
+    calib = data.calibration_samples(tok, 32, 256)
+    dense_ppl = evaluate.perplexity(dense, tok, seq_len=2048, max_tokens=args.eval_tokens, progress=False)["ppl"]
+    levels = Path(args.work) / "methods" / model_name / "ziplm_levels"
+    for spec in dict.fromkeys(m for m, _ in todo):
+        name, options = ("tp", {}) if spec.startswith("tp:") else method_spec(spec)
+        targets = [t for m, t in todo if m == spec]
+        start = time.perf_counter()
+        base = copy.deepcopy(dense)
+        try:
+            if name == "ziplm":
+                options = {"progress": False, **options,
+                           **({"levels": str(levels)} if (levels / "levels.json").is_file() else {"save_levels": str(levels)})}
+            prepare = getattr(methods.get(name), "prepare", None) if name != "tp" else None
+            if prepare:      # one scoring pass for every target (ziplm's level database)
+                options = prepare(base, graph, calib, options)
+        except ValueError as e:
             for t in targets:
-                key = f"params={t:g}" if method.startswith("tp:") else f"speedup={t:g}"
-                if (model_name, method, key) in done:
-                    continue
-                start = time.perf_counter()
-                try:
-                    if method.startswith("tp:"):
-                        with warnings.catch_warnings():
-                            warnings.simplefilter("ignore")
-                            model, _, _ = tp_prune_to_params(lambda: copy.deepcopy(dense), t, calib=calib[:10],
-                                                             prune_hidden=True)
-                        predicted = None
-                    else:
-                        model = copy.deepcopy(dense)
-                        options = {"progress": False} if method == "ziplm" else {}
-                        plan, info, _ = make_plan(model, method=method, target=key, calib=calib, graph=graph,
-                                                  options=options, latency_table=table)
-                        shrink(model, plan, graph)
-                        predicted = info["latency"]["predicted_speedup"]
-                except ValueError as e:          # a target the method cannot reach: recorded as such
-                    rows.append({"model": model_name, "method": method, "target": key, "refused": str(e)})
-                    continue
-                seconds = time.perf_counter() - start
-                ppl = evaluate.perplexity(model, tok, seq_len=2048, max_tokens=args.eval_tokens, progress=False)["ppl"]
-                row = {"model": model_name, "method": method, "target": key, "predicted_speedup": predicted,
-                       "ppl": ppl, "dense_ppl": dense_ppl, "params_kept": models.count_parameters(model) /
-                       models.count_parameters(dense), "prune_seconds": round(seconds, 1)}
-                if args.limit and ppl < 1000:
-                    zs = zeroshot.evaluate_zero_shot(model, tok, TASKS, limit=args.limit, progress=False)
-                    row["zero_shot_avg"] = zs["average"]["average_acc"]
-                m = measure_models({"dense": dense, "pruned": model}, regime, rounds=args.rounds, progress=False)
-                row.update(measured_speedup=m["pruned"]["speedup"], spread=m["pruned"]["spread"])
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                result = {"command": args.command, "environment": environment(args.threads), "rows": rows}
-                results_path.write_text(json.dumps(result, indent=1) + "\n")
-                del model
-    result = {"command": args.command, "environment": environment(args.threads), "rows": rows}
-    results_path.write_text(json.dumps(result, indent=1) + "\n")
-    write("methods", result, methods_markdown(result, args))
-    pareto_plot(rows, RESULTS / "latency_pareto.png")
+                rows.append({"model": model_name, "method": spec, "target": f"speedup={t:g}", "refused": str(e)})
+            continue
+        shared = time.perf_counter() - start
+        for t in targets:
+            key = f"params={t:g}" if name == "tp" else f"speedup={t:g}"
+            start = time.perf_counter()
+            try:
+                if name == "tp":
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        model, _, _ = tp_prune_to_params(lambda: copy.deepcopy(dense), t,
+                                                         importance="taylor" if "taylor" in spec else "l2",
+                                                         calib=calib[:10], prune_hidden="hidden-kept" not in spec)
+                    predicted, layers = None, None
+                else:
+                    plan, info, _ = make_plan(base, method=name, target=key, calib=calib, graph=graph,
+                                              options=options, latency_table=table)
+                    model = copy.deepcopy(base)
+                    shrink(model, plan, graph)
+                    predicted = info["latency"]["predicted_speedup"]
+                    layers = [f"{e['attention'] or '-'}/{e['ffn'] or '-'}" for e in info["latency"]["layers"]]
+            except ValueError as e:          # a target the method cannot reach: recorded as such
+                rows.append({"model": model_name, "method": spec, "target": key, "refused": str(e).splitlines()[0]})
+                print(json.dumps(rows[-1]), flush=True)
+                continue
+            seconds = time.perf_counter() - start + shared
+            ppl = evaluate.perplexity(model, tok, seq_len=2048, max_tokens=args.eval_tokens, progress=False)["ppl"]
+            row = {"model": model_name, "method": spec, "target": key, "predicted_speedup": predicted,
+                   "ppl": ppl, "dense_ppl": dense_ppl, "params_kept": models.count_parameters(model) /
+                   models.count_parameters(dense), "prune_seconds": round(seconds, 1), "layers": layers}
+            if args.limit and ppl < 1000:
+                zs = zeroshot.evaluate_zero_shot(model, tok, TASKS, limit=args.limit, progress=False)
+                row["zero_shot_avg"] = zs["average"]["average_acc"]
+            path = checkpoint_path(args, model_name, spec, key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(model, path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").rename(path)
+            row["checkpoint"] = str(path)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            results_path.write_text(json.dumps(result, indent=1) + "\n")
+            del model
+        del base
+
+
+def time_methods(args, model_name: str, result: dict, results_path: Path) -> None:
+    """Time every checkpoint of ``model_name`` beside the dense model, paired and round-robin, in
+    groups of ``--group`` (memory); each group has the dense model as its reference."""
+    models.set_threads(args.threads)
+    regime = regime_for("prefill", args.threads)
+    rows = [r for r in result["rows"] if r["model"] == model_name and "refused" not in r
+            and (args.retime or "measured_speedup" not in r)]
+    rows = [r for r in rows if Path(r.get("checkpoint", "")).is_file()]
+    if not rows:
+        return
+    dense, _ = models.load_model(model_name)
+    for g in range(0, len(rows), args.group):
+        group = rows[g:g + args.group]
+        variants = {"dense": dense}
+        for r in group:
+            variants[f"{r['method']} {r['target']}"] = torch.load(r["checkpoint"], weights_only=False).eval()
+        measured = measure_models(variants, regime, rounds=args.rounds)
+        for r in group:
+            m = measured[f"{r['method']} {r['target']}"]
+            r.update(measured_speedup=m["speedup"], spread=m["spread"], measured_ms=m["ms"],
+                     dense_ms=measured["dense"]["ms"], timing_group=g // args.group)
+        result["timing"][model_name] = {"regime": regime.describe(), "rounds": args.rounds, "group": args.group}
+        results_path.write_text(json.dumps(result, indent=1) + "\n")
+        del variants
 
 
 def methods_markdown(result: dict, args) -> str:
-    md = ["# Methods at latency targets (CPU prefill 1x128)", "", f"`{result['command']}`", "",
+    timing = result.get("timing", {})
+    md = ["# Methods at latency targets (CPU prefill 1x128)", "",
+          f"Pruning and quality: `{result['command']}`", "",
+          f"Timing: `{result.get('timing_command', '(not run yet)')}`", "",
           f"Environment: {json.dumps(result['environment'])}", "",
-          f"Measured speedup: the pruned model beside the dense one, paired, {args.rounds} rounds (median ratio). "
-          f"Perplexity: held-out Wikipedia, window 2048, first {args.eval_tokens} tokens. Torch-Pruning runs at "
-          "params targets (it has no latency target); its measured speedup places it on the same axis.", "",
-          "| model | method | target | predicted x | measured x | spread | ppl (dense) | zero-shot | params kept |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "Every method prunes to each speedup target priced by this machine's latency table (prefill 1x128, fp32, "
+          "eager); Torch-Pruning runs at params targets (it has no latency target) and its measured speedup places "
+          "it on the same axis. Measured speedup: each checkpoint timed beside the dense model in one paired "
+          "round-robin run per group of checkpoints, median ratio over the rounds; spread = inter-quartile range "
+          "of the ratios. " + "; ".join(f"{m}: {t['regime']}, {t['rounds']} rounds, groups of {t['group']}"
+                                        for m, t in timing.items()) + ". "
+          f"Perplexity: held-out Wikipedia, window 2048, first {args.eval_tokens} tokens; zero-shot: average "
+          "accuracy over arc_easy, arc_challenge, piqa, hellaswag, winogrande, boolq (the first `--limit` items of "
+          "each; skipped when ppl > 1000). Calibration 32 x 256 tokens.", "",
+          "| model | method | target | predicted x | measured x | spread | ppl (dense) | zero-shot | params kept | prune s |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "refused" in r:
-            md.append(f"| {r['model']} | {r['method']} | {r['target']} | refused: {r['refused'][:120]} | | | | | |")
+            md.append(f"| {r['model']} | {r['method']} | {r['target']} | refused: {r['refused'][:160]} | | | | | | |")
             continue
         pred = f"x{r['predicted_speedup']:.3f}" if r.get("predicted_speedup") else "-"
+        meas = f"x{r['measured_speedup']:.3f}" if r.get("measured_speedup") else "(not timed)"
+        spread = f"{100 * r['spread']:.0f}%" if r.get("spread") is not None else "-"
         zs = f"{100 * r['zero_shot_avg']:.1f}" if r.get("zero_shot_avg") is not None else "-"
-        md.append(f"| {r['model']} | {r['method']} | {r['target']} | {pred} | x{r['measured_speedup']:.3f} | "
-                  f"{100 * r['spread']:.0f}% | {r['ppl']:.2f} ({r['dense_ppl']:.2f}) | {zs} | "
-                  f"{100 * r['params_kept']:.1f}% |")
+        md.append(f"| {r['model']} | {r['method']} | {r['target']} | {pred} | {meas} | {spread} | "
+                  f"{r['ppl']:.2f} ({r['dense_ppl']:.2f}) | {zs} | {100 * r['params_kept']:.1f}% | "
+                  f"{r.get('prune_seconds', '-')} |")
+    md += ["", "Per-layer configuration of the latency-targeted plans (attention KV groups x heads per group / "
+               "FFN width; - = removed):", ""]
+    md += [f"- {r['model']} {r['method']} {r['target']}: " + " ".join(r["layers"])
+           for r in result["rows"] if r.get("layers")]
     return "\n".join(md) + "\n"
 
 
@@ -278,7 +370,7 @@ def pareto_plot(rows: list, path: Path) -> None:
     for ax, model_name in zip(axes[0], models_):
         for method in sorted({r["method"] for r in rows if r["model"] == model_name}):
             got = sorted((r["measured_speedup"], r["ppl"]) for r in rows
-                         if r["model"] == model_name and r["method"] == method and "refused" not in r)
+                         if r["model"] == model_name and r["method"] == method and r.get("measured_speedup"))
             if got:
                 ax.plot([g[0] for g in got], [g[1] for g in got], marker="o", label=method)
         dense = [r["dense_ppl"] for r in rows if r["model"] == model_name and "dense_ppl" in r]
@@ -302,14 +394,28 @@ def main(argv=None) -> int:
     ap.add_argument("--regimes", default="prefill,decode", type=lambda s: s.split(","))
     ap.add_argument("--speedups", default="1.25,1.5", type=lambda s: [float(x) for x in s.split(",")])
     ap.add_argument("--tp-params", default="0.8,0.7", type=lambda s: [float(x) for x in s.split(",")])
-    ap.add_argument("--methods", default=",".join(METHODS), type=lambda s: s.split(","))
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help='methods with options as the width suite names them: "ziplm,ziplm[search=evo],flap"')
     ap.add_argument("--rounds", type=int, default=25)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--limit", type=int, default=0, help="zero-shot items per task (0: skip)")
     ap.add_argument("--work", default="/tmp/structlm-latency-bench", help="where the targets suite writes checkpoints")
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--results", default=str(HERE / "results"), help="folder for the JSON, Markdown and plot")
+    ap.add_argument("--phase", choices=("prune", "time", "all"), default="all",
+                    help="methods suite: prune (checkpoints + quality, no timing), time (one quiet paired run), or both")
+    ap.add_argument("--work-threads", type=int, default=None,
+                    help="threads for pruning and evaluation in the methods suite (default: --threads); the latency "
+                         "table and the timing always use --threads")
+    ap.add_argument("--group", type=int, default=10, help="checkpoints timed together beside the dense model")
+    ap.add_argument("--retime", action="store_true", help="time rows that already have a measured speedup again")
     args = ap.parse_args(argv)
+    from run import split_methods
+
+    args.methods = split_methods(args.methods)
+    RESULTS_DIR[0] = Path(args.results)
+    args.work_threads = args.work_threads or args.threads
     args.command = "python benchmarks/latency.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     models.set_threads(args.threads)
     {"validate": suite_validate, "targets": suite_targets, "methods": suite_methods}[args.suite](args)
