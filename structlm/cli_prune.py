@@ -23,6 +23,8 @@ from .cli_eval import (add_common_model_args, check_context, eval_lengths, evalu
 from .plan import PrunePlan
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# methods whose streaming pass 1 sums its statistics over the ranks of a torchrun launch (structlm.distributed)
+STREAM_DATA_PARALLEL = ("magnitude", "wanda_sp", "flap", "shortgpt", "shortgpt_angular", "last_blocks")
 # method options that are sizes in every method that takes them (other options are checked by the methods)
 POSITIVE_INT_OPTIONS = ("batch_size",)
 
@@ -33,7 +35,9 @@ def register(subparsers) -> None:
         description="Prune MODEL by a method and a target, or by a hand-written plan (--plan), shrink the "
                     "tensors physically, save a checkpoint that loads with stock transformers into --out "
                     "(with plan.json, recipe.json, report.json and a README.md model card), and evaluate "
-                    "before/after.",
+                    "before/after. Under torchrun (torchrun --nproc_per_node N -m structlm.cli prune ...) each "
+                    "process calibrates on a share of the samples and the statistics are summed: the same plan, "
+                    "written by rank 0 (docs/scale.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_model_args(p)
     how = p.add_argument_group("what to remove")
@@ -332,6 +336,9 @@ def _check_stream_args(args) -> Path:
                           f"a params target (params=0.8)")
     if args.latency_table is not None:
         raise StreamError("--stream: --latency-table is not supported in streaming mode")
+    if distributed.world_size() > 1 and args.method and args.method not in STREAM_DATA_PARALLEL:
+        raise StreamError(f"--stream under torchrun: {args.method}'s streaming statistics are not summed over the "
+                          f"ranks; stream it in one process, or use {', '.join(STREAM_DATA_PARALLEL)} (docs/scale.md)")
     return folder
 
 

@@ -193,11 +193,15 @@ def report_error(line: str) -> None:
     if me == 0:
         print(line, file=stream)
         return
-    try:
-        store.wait([f"{_key()}0"], datetime.timedelta(seconds=5))
-        return                       # rank 0 has said it
-    except (RuntimeError, ValueError):
-        pass
+    import time
+
+    for _ in range(50):             # up to 5 s (polled: a timed-out store.wait logs a C++ warning)
+        try:
+            if store.check([f"{_key()}0"]):
+                return               # rank 0 has said it
+        except (RuntimeError, ValueError):
+            break
+        time.sleep(0.1)
     print(f"[rank {me}] {line}", file=stream)
 
 

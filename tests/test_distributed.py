@@ -153,3 +153,28 @@ def test_methods_that_cannot_share_their_work_refuse_in_one_line(monkeypatch):
     assert distributed.shard_range(16, 8) == range(0, 8)        # rank 0: the first whole batch of 8
     assert distributed.shard_range(24, 8) == range(0, 16)       # 3 batches: rank 0 takes two
     assert distributed.shard_range(4, 8) == range(0, 2)         # one batch: its samples are spread
+
+
+@pytest.mark.parametrize("size", [2, 3, 5])
+def test_shares_cover_every_sample_once_in_whole_batches(monkeypatch, size):
+    from structlm import distributed
+
+    monkeypatch.setattr(distributed, "world_size", lambda: size)
+    for n, batch in [(32, 8), (30, 8), (16, 4), (10, 1), (7, 8), (5, 4)]:
+        shares = []
+        for r in range(size):
+            monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+            shares.append(distributed.shard_range(n, batch))
+        assert [i for s in shares for i in s] == list(range(n))            # contiguous, in order, each once
+        assert all(len(s) > 0 for s in shares)
+        if -(-n // batch) >= size:                                         # whole batches of a single process
+            assert all(s.start % batch == 0 for s in shares)
+
+
+def test_other_verbs_refuse_under_torchrun(setup, monkeypatch, capsys):
+    _, folder, _ = setup
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["eval", str(folder), "--ppl"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("structlm eval: error: structlm eval does not run data-parallel; only structlm prune does "
+                   "(docs/scale.md): run it without torchrun")
