@@ -365,8 +365,9 @@ def _run_stream(args, options: dict, plan) -> int:
         except (OSError, ValueError):
             raise ValueError(f"--stream: {folder} has no tokenizer to draw calibration samples with; add one "
                              f"(tokenizer.save_pretrained) or use --plan") from None
-        calib = data.calibration_samples(tokenizer, args.calib_samples, args.calib_len, source=args.calib_data,
-                                         seed=args.seed)
+        with distributed.main_first():   # the same seeded samples on every rank
+            calib = data.calibration_samples(tokenizer, args.calib_samples, args.calib_len,
+                                             source=args.calib_data, seed=args.seed)
     if not args.dry_run and not args.no_eval:
         print("streaming mode does not evaluate before/after (the whole model would be resident); evaluate the "
               f"output with: structlm eval {args.out}")
@@ -409,7 +410,8 @@ def run(args) -> int:
         with distributed.main_first():   # a first use of an alias converts it once, by rank 0
             model, tokenizer = load_model_arg(args.model, args.device)
         graph = build_graph(model)
-        _check_against_model(args, model, tokenizer, graph, output)
+        with distributed.main_first():   # reads the held-out text (a first use fetches and extracts it)
+            _check_against_model(args, model, tokenizer, graph, output)
         table = _latency_table(args, model, graph)   # before scoring: measuring one takes minutes
         calib = None
         if plan is None:   # every rank draws the same samples (seeded); methods run their rank's share
