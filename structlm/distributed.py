@@ -30,7 +30,7 @@ import sys
 
 import torch
 
-_STATE: dict = {"error_stream": None, "backend": None, "run": 0}
+_STATE: dict = {"error_stream": None, "run": 0}
 _ERROR_KEY = "structlm/error/{run}/"
 BUCKET = 1 << 25          # elements per reduced buffer (256 MB of float64)
 
@@ -98,7 +98,6 @@ def init(device: str = "cpu") -> str:
         kwargs = {"device_id": torch.device(device)} if kind == "cuda" else {}
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60), **kwargs)
         atexit.register(finish)   # at exit, not per command: a rank that is done waits for no one
-    _STATE["backend"] = dist.get_backend()
     return device
 
 
@@ -250,7 +249,9 @@ def shard(calib: torch.Tensor, batch_size: int = 1) -> torch.Tensor:
 # ---- reductions ----------------------------------------------------------------------------
 
 def _comm_device() -> torch.device:
-    if _STATE["backend"] == "nccl":
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
