@@ -13,6 +13,10 @@ which is also what layer streaming of big models needs.  Layers run through
 :class:`structlm.methods._layers.LayerRunner` (the stock decoder forward, one layer at a time).
 ``propagate=False`` keeps feeding the *dense* layer outputs instead (for ablations: "sequential
 vs not").
+
+Under ``torchrun`` (:mod:`structlm.distributed`) each rank keeps the hidden states of its share of
+the calibration batches only, and :meth:`Sequential.collect` sums the statistics over the ranks
+before returning them, so every method built on this loop decides on all the samples.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import contextlib
 
 import torch
 
+from . import distributed
 from .methods._layers import LayerRunner
 
 
@@ -61,6 +66,7 @@ class Sequential:
         self.runner = LayerRunner(model)
         self.propagate = propagate
         device = next(model.parameters()).device
+        calib = distributed.shard(calib, batch_size)   # this rank's batches (all of them in one process)
         with torch.no_grad():
             self.hidden = [self.runner.embed(calib[s:s + batch_size].to(device))
                            for s in range(0, calib.shape[0], batch_size)]
@@ -77,7 +83,8 @@ class Sequential:
     @torch.no_grad()
     def collect(self, i: int, modules: list[str], stat=Gram, advance: bool = False) -> dict[str, Gram]:
         """Run layer ``i`` on the current hidden states with a pre-hook on each named module
-        (full parameter-path module names) that feeds its input to a fresh ``stat()``.  The
+        (full parameter-path module names) that feeds its input to a fresh ``stat()`` (summed over
+        the ranks of a data-parallel run before it is returned).  The
         hidden states move on through the layer only with ``advance`` (for a method that does
         not change the layer: one forward instead of two).  Returns {module name: stat}."""
         stats = {name: stat() for name in modules}
@@ -94,7 +101,7 @@ class Sequential:
                 handle.remove()
         if advance:
             self.hidden = outputs
-        return stats
+        return distributed.reduce_grams(stats)
 
     @torch.no_grad()
     def advance(self, i: int, dense_layer=None) -> None:

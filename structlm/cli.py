@@ -82,17 +82,24 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version, or a usage error already printed
         return e.code if isinstance(e.code, int) else EXIT_ERROR
     args.argv = argv  # the command as typed, for the recipe and the model card
+    from . import distributed
+
     try:
         with sigterm_as_interrupt():
+            if distributed.launched() and args.verb != "prune":
+                raise ValueError(f"structlm {args.verb} does not run data-parallel; only structlm prune does "
+                                 f"(docs/scale.md): run it without torchrun")
             return int(args.func(args) or 0)
     except known_errors() as e:
-        print(f"structlm {args.verb}: error: {e}", file=sys.stderr)
+        distributed.report_error(f"structlm {args.verb}: error: {e}")
         return EXIT_ERROR
     except Terminated:
-        print("structlm: terminated (SIGTERM); nothing half-written was left", file=sys.stderr)
+        other = distributed.peer_error()   # under torchrun, a rank that failed makes torchrun stop the others
+        print(f"structlm: stopped because {other}; nothing half-written was left" if other else
+              "structlm: terminated (SIGTERM); nothing half-written was left", file=distributed.error_stream())
         return EXIT_TERMINATED
     except KeyboardInterrupt:
-        print("structlm: interrupted; nothing half-written was left", file=sys.stderr)
+        print("structlm: interrupted; nothing half-written was left", file=distributed.error_stream())
         return EXIT_INTERRUPTED
 
 

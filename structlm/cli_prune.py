@@ -17,12 +17,14 @@ import shlex
 import time
 from pathlib import Path
 
-from . import __version__, data, methods, models
+from . import __version__, data, distributed, methods, models
 from .cli_eval import (add_common_model_args, check_context, eval_lengths, evaluate_model, int_at_least,
                        load_model_arg)
 from .plan import PrunePlan
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# methods whose streaming pass 1 sums its statistics over the ranks of a torchrun launch (structlm.distributed)
+STREAM_DATA_PARALLEL = ("magnitude", "wanda_sp", "flap", "shortgpt", "shortgpt_angular", "last_blocks")
 # method options that are sizes in every method that takes them (other options are checked by the methods)
 POSITIVE_INT_OPTIONS = ("batch_size",)
 
@@ -33,7 +35,9 @@ def register(subparsers) -> None:
         description="Prune MODEL by a method and a target, or by a hand-written plan (--plan), shrink the "
                     "tensors physically, save a checkpoint that loads with stock transformers into --out "
                     "(with plan.json, recipe.json, report.json and a README.md model card), and evaluate "
-                    "before/after.",
+                    "before/after. Under torchrun (torchrun --nproc_per_node N -m structlm.cli prune ...) each "
+                    "process calibrates on a share of the samples and the statistics are summed: the same plan, "
+                    "written by rank 0 (docs/scale.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_model_args(p)
     how = p.add_argument_group("what to remove")
@@ -119,7 +123,12 @@ def _check_args(args) -> None:
         raise ValueError("--levels/--save-levels hold a level database: only --method ziplm builds one")
     if args.levels is not None and not (args.levels / "levels.json").is_file():
         raise ValueError(f"--levels {args.levels}: no levels.json there (write one with --save-levels DIR)")
-    if args.out is not None and not args.dry_run:
+    if distributed.world_size() > 1 and args.method and any(t.is_latency for t in args.targets) \
+            and args.latency_table is None:
+        raise ValueError("under torchrun a latency target needs --latency-table FILE (each rank measuring this "
+                         "machine's table would price the plans differently); write one first with structlm "
+                         "latency MODEL --out FILE")
+    if args.out is not None and not args.dry_run and distributed.is_main():   # only rank 0 writes
         from .outputs import check_output_path
 
         check_output_path(args.out, args.force)  # again, under a lock, when the output is reserved
@@ -165,6 +174,8 @@ def _method_options(args) -> dict:
         if args.save_levels is not None:
             options["save_levels"] = str(args.save_levels)
     options.update(parse_option(item) for item in args.option)
+    if not distributed.is_main():   # only rank 0 writes (ziplm's level database too)
+        options.pop("save_levels", None)
     return options
 
 
@@ -325,6 +336,9 @@ def _check_stream_args(args) -> Path:
                           f"a params target (params=0.8)")
     if args.latency_table is not None:
         raise StreamError("--stream: --latency-table is not supported in streaming mode")
+    if distributed.world_size() > 1 and args.method and args.method not in STREAM_DATA_PARALLEL:
+        raise StreamError(f"--stream under torchrun: {args.method}'s streaming statistics are not summed over the "
+                          f"ranks; stream it in one process, or use {', '.join(STREAM_DATA_PARALLEL)} (docs/scale.md)")
     return folder
 
 
@@ -334,7 +348,8 @@ def _run_stream(args, options: dict, plan) -> int:
 
     from .streaming import stream_prune
 
-    folder = _check_stream_args(args)
+    with distributed.main_first():   # a built-in alias is converted once, by rank 0
+        folder = _check_stream_args(args)
     config = AutoConfig.from_pretrained(folder)
     limit = getattr(config.get_text_config(), "max_position_embeddings", None)
     if args.method and limit and args.calib_len > limit:
@@ -350,17 +365,19 @@ def _run_stream(args, options: dict, plan) -> int:
         except (OSError, ValueError):
             raise ValueError(f"--stream: {folder} has no tokenizer to draw calibration samples with; add one "
                              f"(tokenizer.save_pretrained) or use --plan") from None
-        calib = data.calibration_samples(tokenizer, args.calib_samples, args.calib_len, source=args.calib_data,
-                                         seed=args.seed)
+        with distributed.main_first():   # the same seeded samples on every rank
+            calib = data.calibration_samples(tokenizer, args.calib_samples, args.calib_len,
+                                             source=args.calib_data, seed=args.seed)
     if not args.dry_run and not args.no_eval:
         print("streaming mode does not evaluate before/after (the whole model would be resident); evaluate the "
               f"output with: structlm eval {args.out}")
-    result = stream_prune(folder, None if args.dry_run else args.out, method=args.method, target=args.target,
+    dry_run = args.dry_run or not distributed.is_main()   # under torchrun the other ranks only score
+    result = stream_prune(folder, None if dry_run else args.out, method=args.method, target=args.target,
                           calib=calib, plan=plan, options=options, align=args.align, dtype=args.dtype,
-                          tokenizer=tokenizer, device=args.device, force=args.force, dry_run=args.dry_run,
+                          tokenizer=tokenizer, device=args.device, force=args.force, dry_run=dry_run,
                           recipe=lambda p, dtype: {**_recipe(args, options, p, dtype), "mode": "stream"})
     print(result.plan.summary_text(result.graph))
-    if args.dry_run:
+    if dry_run:
         return 0
     s = result.stats
     print(f"  params {s['params_before']:,} -> {s['params_after']:,} ({s['params_kept']:.1%})")
@@ -375,6 +392,10 @@ def run(args) -> int:
     from .pipeline import make_plan, prune
     from .targets import folder_name
 
+    # under torchrun (structlm.distributed): join the process group; ranks other than 0 stay quiet
+    args.device = distributed.init(args.device)
+    distributed.quiet_other_ranks()
+    main = distributed.is_main()
     _check_args(args)
     if getattr(args, "stream", False):
         return _run_stream(args, _method_options(args) if args.method else {},
@@ -383,16 +404,20 @@ def run(args) -> int:
     plan = PrunePlan.load(args.plan) if args.plan else None  # read (and schema-checked) before any work
     models.set_threads(args.threads)
     started = time.perf_counter()
-    reserved = contextlib.nullcontext() if args.dry_run else export.OutputFolder(args.out, args.force)
+    writes = not args.dry_run and main   # only rank 0 writes
+    reserved = export.OutputFolder(args.out, args.force) if writes else contextlib.nullcontext()
     with reserved as output:
-        model, tokenizer = load_model_arg(args.model, args.device)
+        with distributed.main_first():   # a first use of an alias converts it once, by rank 0
+            model, tokenizer = load_model_arg(args.model, args.device)
         graph = build_graph(model)
-        _check_against_model(args, model, tokenizer, graph, output)
+        with distributed.main_first():   # reads the held-out text (a first use fetches and extracts it)
+            _check_against_model(args, model, tokenizer, graph, output)
         table = _latency_table(args, model, graph)   # before scoring: measuring one takes minutes
         calib = None
-        if plan is None:
-            calib = data.calibration_samples(tokenizer, args.calib_samples, args.calib_len, source=args.calib_data,
-                                             seed=args.seed).to(args.device)
+        if plan is None:   # every rank draws the same samples (seeded); methods run their rank's share
+            with distributed.main_first():
+                calib = data.calibration_samples(tokenizer, args.calib_samples, args.calib_len,
+                                                 source=args.calib_data, seed=args.seed).to(args.device)
         # a method with a one-pass database (ziplm's levels) builds it once for every target
         prepare = getattr(methods.get(args.method), "prepare", None) if args.method else None
         prepared = time.perf_counter()
@@ -412,7 +437,7 @@ def run(args) -> int:
                 print(f"predicted latency: {lat['predicted_ms']:.2f} ms, x{lat['predicted_speedup']:.3f} of the dense "
                       f"{lat['dense_predicted_ms']:.2f} ms{budget} ({table.regime.describe()})")
             plans.append((target, plan_t, info, score_stats))
-        if args.dry_run:
+        if not writes:   # --dry-run, or a rank other than 0 (rank 0 shrinks, evaluates and writes)
             return 0
 
         dtype = _save_dtype(args)

@@ -83,6 +83,12 @@ def parse_options(options: dict, error) -> dict:
     if search == "dp" and given:
         raise error(f"ziplm: {', '.join(given)} set(s) the evolutionary search; add -O search=evo "
                     f"(the default search=dp takes none)")
+    if search == "evo":   # its fitness runs candidate models on the calibration sequences of one process
+        from .. import distributed
+
+        distributed.refuse("ziplm -O search=evo", "the evolutionary search scores its candidates on one process's "
+                           "sequences, and a wall-clock limit would make the ranks choose differently",
+                           "run it in one process, or use the default search=dp under torchrun")
     out = {"search": search}
 
     def get(key):

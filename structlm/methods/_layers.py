@@ -319,12 +319,15 @@ def _sig(x: float, digits: int = 7) -> float:
 
 
 def score_candidate(trace: Trace, scorer, unit) -> float:
+    from .. import distributed
+
     total, count = 0.0, 0
     skip = frozenset(skip_set(unit))
     for b in range(len(trace.batches)):
         s, c = scorer(b, trace.run(b, unit[0], skip))
         total += s
         count += c
+    total, count = distributed.reduce_floats(total, count)   # over the ranks' samples (torchrun)
     if not math.isfinite(total):
         raise ValueError(f"the score of removing {unit[1]} {unit[0]} is not finite (NaN/Inf): the model's weights or "
                          f"the calibration data are broken; check the model with structlm eval")
@@ -332,11 +335,14 @@ def score_candidate(trace: Trace, scorer, unit) -> float:
 
 
 def score_current(trace: Trace, scorer) -> float:
+    from .. import distributed
+
     total, count = 0.0, 0
     for b in range(len(trace.batches)):
         s, c = scorer(b, trace.output(b))
         total += s
         count += c
+    total, count = distributed.reduce_floats(total, count)
     return total / max(count, 1)
 
 
@@ -423,13 +429,16 @@ def greedy_remove(runner: LayerRunner, graph, target: Target, calib: torch.Tenso
       lowers a candidate's score; a heuristic otherwise).
 
     Returns (removed units, per-step records, cost statistics)."""
+    from .. import distributed
+
     n_samples = int(calib.shape[0])
     screen_n = n_samples if not screen_samples or screen_samples >= n_samples else int(screen_samples)
     started = time.perf_counter()
     passes0, head0 = runner.layer_passes, runner.head_tokens
-    screen = Trace(runner, calib[:screen_n], batch_size)
+    # under torchrun each rank traces its share of the (screened) samples; scores are summed over the ranks
+    screen = Trace(runner, distributed.shard(calib[:screen_n], batch_size), batch_size)
     confirm = confirm_top > 1 and screen_n < n_samples
-    full = Trace(runner, calib, batch_size) if confirm else screen
+    full = Trace(runner, distributed.shard(calib, batch_size), batch_size) if confirm else screen
     screen_scorer = make_scorer(screen)
     full_scorer = make_scorer(full) if confirm else screen_scorer
     setup_passes = runner.layer_passes - passes0

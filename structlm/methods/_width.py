@@ -164,6 +164,12 @@ class InputStats:
                 for name in (self.names if names is None else names)]
 
     def collect(self, calib: torch.Tensor, batch_size: int = 4, handles: list | None = None) -> "InputStats":
+        """Run ``calib`` [N, L] through the model in batches, recording; under torchrun this rank's
+        share of the batches, then the sums and counts are summed over the ranks
+        (:mod:`structlm.distributed`)."""
+        from .. import distributed
+
+        calib = distributed.shard(calib, batch_size)
         own = self.attach()
         if handles is not None:
             handles.extend(own)
@@ -178,6 +184,7 @@ class InputStats:
         missing = [n for n in self.names if n not in self.sum]
         if missing:
             raise RuntimeError(f"no input reached {missing[:3]} during calibration")
+        distributed.reduce_input_stats(self, self.names)
         return self
 
     def mean(self, name) -> torch.Tensor:

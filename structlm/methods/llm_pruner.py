@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from .. import distributed
 from . import register
 from ._width import (WidthError, aggregate as aggregate_fn, allocate, attention_kind, check_reach, member_matrix,
                      model_state_guard, reject_unknown, score_summary, width_options)
@@ -150,10 +151,17 @@ def taylor_scores(model, graph, calib: torch.Tensor, layers: list[int], *, taylo
     device = next(model.parameters()).device
     losses = []
     with torch.enable_grad():
-        for s in range(n_samples):
+        # under torchrun each rank back-propagates its share of the samples (each scaled by 1 / all samples)
+        for s in distributed.shard_range(n_samples):
             losses.append(lm_loss_backward(model, calib[s:s + 1].to(device), 1.0 / n_samples, loss_chunk))
     if not second:
         first = {name: params[name].grad for name in scored}
+    if distributed.world_size() > 1:   # gradients (or Fisher and first order) summed over the ranks
+        for name in scored:
+            if first.get(name) is None and not second:
+                first[name] = params[name].grad = torch.zeros_like(params[name])
+        distributed.reduce_tensors([t for d in (first, fisher) for _, t in sorted(d.items()) if t is not None])
+    loss_sum, _ = distributed.reduce_floats(sum(losses), len(losses))
 
     cache: dict = {}
 
@@ -181,7 +189,7 @@ def taylor_scores(model, graph, calib: torch.Tensor, layers: list[int], *, taylo
         params[name].grad = None
     fisher.clear()
     first.clear()
-    return scores, {"loss": sum(losses) / max(len(losses), 1), "samples": n_samples}
+    return scores, {"loss": loss_sum / max(n_samples, 1), "samples": n_samples}
 
 
 @register("llm_pruner")

@@ -48,6 +48,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from . import register, reject_unknown_options
 from ._layers import LayerRunner
 from ._width import WidthError
@@ -233,7 +234,8 @@ def block_importance(model, calib: torch.Tensor, batch_size: int = 8, progress: 
         seq.advance(i)
         cos = sum(float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).sum())
                   for a, b in zip(before, seq.hidden))
-        out.append(1.0 - cos / sum(h.shape[0] * h.shape[1] for h in before))
+        cos, tokens = distributed.reduce_floats(cos, sum(h.shape[0] * h.shape[1] for h in before))   # over ranks
+        out.append(1.0 - cos / tokens)
     return out
 
 

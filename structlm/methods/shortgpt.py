@@ -46,7 +46,10 @@ def _one_shot(graph, target, scores: dict, name: str):
 
 def _sums(runner, calib, batch_size, fn):
     """Run the dense model over ``calib``; fn(i, h_in, ctx) -> ({unit: score sum}, h_out).
-    Returns (per-unit sums, tokens)."""
+    Returns (per-unit sums, tokens), summed over the ranks under torchrun (each runs its share)."""
+    from .. import distributed
+
+    calib = distributed.shard(calib, batch_size)
     sums: dict = {}
     tokens = 0
     for s in range(0, calib.shape[0], batch_size):
@@ -58,7 +61,7 @@ def _sums(runner, calib, batch_size, fn):
             for unit, value in values.items():
                 sums[unit] = sums.get(unit, 0.0) + value
         tokens += ids.numel()
-    return sums, tokens
+    return distributed.reduce_sums(sums, tokens)
 
 
 def block_step(runner, i, h, ctx):

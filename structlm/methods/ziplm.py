@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from . import _evo, register, reject_unknown_options
 from ._layers import LayerRunner
 from ._width import WidthError, input_dim, parse_layers
@@ -269,8 +270,9 @@ def build_levels(model, graph, calib: torch.Tensor, *, damp: float = 0.01, layer
         if i in wanted:
             o, down = _projections(model, i)
             names = [o.weight.rpartition(".")[0], down.weight.rpartition(".")[0]]
-            residual = float(sum(h.double().square().sum() for h in seq.hidden)
-                             / sum(h.shape[0] * h.shape[1] for h in seq.hidden))
+            square, tokens = distributed.reduce_floats(sum(float(h.double().square().sum()) for h in seq.hidden),
+                                                       sum(h.shape[0] * h.shape[1] for h in seq.hidden))
+            residual = square / tokens   # (summed over the ranks under torchrun)
             stats = seq.collect(i, names, advance=True)   # the dense pass: the layer does not change
             for name in names:
                 stats[name].check_finite(name)

@@ -240,8 +240,11 @@ class ShortGPT(StreamMethod):
 
         from ..methods.shortgpt import shortgpt_angular_plan, shortgpt_plan
 
+        from .. import distributed
+
         seconds = time.perf_counter() - (self.started or time.perf_counter())
         n = self.graph.n_layers
+        self.sums, self.tokens = distributed.reduce_sums(self.sums, self.tokens)   # over the ranks (torchrun)
         if self.name == "shortgpt":
             return shortgpt_plan(self.graph, self.target, [self.sums[(i, "block")] / self.tokens for i in range(n)],
                                  seconds)

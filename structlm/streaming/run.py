@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from .checkpoint import INDEX_FILE, StreamError, StreamingCheckpoint
 from .methods import stream_method
 
@@ -85,6 +86,7 @@ def score_pass(ckpt: StreamingCheckpoint, spec, graph, adapter, calib: torch.Ten
         embed = [n_ for n_ in ckpt.other_names(prefixes) if n_.startswith(embed_module + ".")]
         ckpt.load(model, embed, device)
         bs = spec.batch_size
+        calib = distributed.shard(calib, bs)   # under torchrun: this rank's batches (structlm.distributed)
         h = [runner.embed(calib[s:s + bs].to(device)) for s in range(0, calib.shape[0], bs)]
         ckpt.release(model, embed)
     last = max(spec.layers) if spec.layers else -1
@@ -99,6 +101,8 @@ def score_pass(ckpt: StreamingCheckpoint, spec, graph, adapter, calib: torch.Ten
             finally:
                 for handle in handles:
                     handle.remove()
+            if spec.stats is not None:   # summed over the ranks before the layer is scored
+                distributed.reduce_input_stats(spec.stats, spec.stat_modules(model, i))
         if i in spec.layers:
             if torch.device(device).type != "cpu":   # the scores combine weights with CPU float64 statistics
                 ckpt.cast(model, names, torch.float32, "cpu")
