@@ -351,6 +351,9 @@ def _auto_stream(args) -> dict | None:
         raise StreamError(f"{args.model} is too big to prune in memory here: {sizes}, and {args.method} cannot stream "
                           f"({REFUSED[args.method]}). Fix: a streamable method ({', '.join(SUPPORTED)}), a machine with "
                           f"more memory, or --no-stream to try in memory anyway")
+    if len(args.targets) > 1:
+        raise StreamError(f"{args.model} is too big to prune in memory here: {sizes}, and streaming mode prunes one "
+                          f"target per run. Fix: one --target per run, or --no-stream to try in memory anyway")
     print(f"streaming mode: {sizes}, so {args.model} is pruned one decoder layer at a time (as with --stream; "
           f"--no-stream forces in memory)")
     return estimate

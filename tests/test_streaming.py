@@ -323,6 +323,9 @@ def test_automatic_streaming(cli_folder, tmp_path, monkeypatch, capsys):
     err = _cli_error(["prune", str(root / "tiny"), "--method", "sleb", "--out", str(tmp_path / "b"), *common], capsys)
     assert "too big to prune in memory" in err and "sleb cannot stream" in err and "--no-stream" in err
     assert not (tmp_path / "b").exists()
+    err = _cli_error(["prune", str(root / "tiny"), "--method", "flap", "--target", "params=0.9,0.8", "--calib-data",
+                      str(root / "text.txt"), "--out", str(tmp_path / "b"), *FAST], capsys)
+    assert "one target per run" in err and "--no-stream" in err
     assert cli.main(["prune", str(root / "tiny"), "--method", "flap", "--no-stream", "--no-eval",
                      "--out", str(tmp_path / "c"), *common]) == 0
     assert "streaming mode:" not in capsys.readouterr().out
