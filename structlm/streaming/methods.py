@@ -389,6 +389,7 @@ class ZipLM(Calibrating):
     def finish(self, plan):
         from ..methods.ziplm import finish_info
 
+        self.rec = None   # its model and calibration states are not needed by the shrink pass
         done = {row["layer"] for row in self.rows}   # the layers past the last re-fitted one: rows as in memory
         rows = self.rows + [{"layer": i} for i in range(self.graph.n_layers)
                             if i not in done and i not in set(plan.removed_blocks)]
@@ -469,6 +470,7 @@ class MoDeGPT(Calibrating):
     def finish(self, plan):
         from ..methods.modegpt import layers_plan, method_info
 
+        self.comp = None   # its model and calibration states are not needed by the shrink pass
         for i in range(len(self.rows), self.graph.n_layers):   # past the last compressed layer: rows as in memory
             c = self.counts[i]
             self.rows.append({"layer": i, "ffn_kept": c["ffn"], "qk_kept": c["qk"], "v_kept": c["v"]})
