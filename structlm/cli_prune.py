@@ -76,11 +76,15 @@ def register(subparsers) -> None:
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, help="output folder (required unless --dry-run)")
     out.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    out.add_argument("--stream", action="store_true",
-                     help="streaming mode for models larger than memory: MODEL is a local safetensors folder, read "
-                          "one decoder layer at a time (two passes: score, then shrink and write shard by shard); "
-                          "methods magnitude, wanda_sp, flap, last_blocks or a --plan; no before/after evaluation "
-                          "(docs/scale.md)")
+    streaming = out.add_mutually_exclusive_group()
+    streaming.add_argument("--stream", action="store_true",
+                           help="streaming mode for models larger than memory: MODEL is a local safetensors folder, "
+                                "read one decoder layer at a time (score, [calibrate,] then shrink and write shard by "
+                                "shard); methods magnitude, wanda_sp, flap, ziplm, modegpt, shortgpt, "
+                                "shortgpt_angular, last_blocks or a --plan; no before/after evaluation. Used by itself "
+                                "when the float32 weights would not fit the available memory (docs/scale.md)")
+    streaming.add_argument("--no-stream", action="store_true",
+                           help="prune in memory even when the weights look too big for the available memory")
     out.add_argument("--dtype", choices=DTYPES, default="auto",
                      help="dtype of the saved weights and of the before/after evaluation (scores are always "
                           "computed in float32). auto: the source checkpoint's dtype; float32 for the built-in "
@@ -331,18 +335,45 @@ def _check_stream_args(args) -> Path:
         raise StreamError(refusal(args.method))
     if len(args.targets) > 1:
         raise StreamError("--stream prunes to one target per run; give one --target (e.g. params=0.8)")
-    if args.targets[0] is not None and args.targets[0].is_latency:
-        raise StreamError(f"--stream: latency targets ({args.targets[0]}) are not supported in streaming mode; use "
-                          f"a params target (params=0.8)")
-    if args.latency_table is not None:
-        raise StreamError("--stream: --latency-table is not supported in streaming mode")
     if distributed.world_size() > 1 and args.method and args.method not in STREAM_DATA_PARALLEL:
         raise StreamError(f"--stream under torchrun: {args.method}'s streaming statistics are not summed over the "
                           f"ranks; stream it in one process, or use {', '.join(STREAM_DATA_PARALLEL)} (docs/scale.md)")
     return folder
 
 
-def _run_stream(args, options: dict, plan) -> int:
+def _auto_stream(args) -> dict | None:
+    """Automatic streaming: when MODEL is a local safetensors folder whose float32 weights would not
+    fit the available memory, switch a streamable method (or a --plan) to streaming mode, saying so
+    in one line; refuse the others in one line instead of running out of memory.  Returns the
+    memory estimate when it switched, else None."""
+    from .streaming.auto import gib, memory_estimate
+    from .streaming.checkpoint import StreamError
+    from .streaming.methods import REFUSED, SUPPORTED
+
+    kind, info = models.resolve(args.model)
+    if kind != "folder":   # aliases are small; .gguf files and hub ids are loaded in memory (docs/scale.md)
+        return None
+    try:
+        estimate = memory_estimate(info["dir"], args.device)
+    except StreamError:   # not a safetensors folder: loaded in memory as before
+        return None
+    if estimate["fits"]:
+        return None
+    sizes = (f"its float32 weights ({gib(estimate['float32_weights_bytes'])}, about {gib(estimate['needed_bytes'])} "
+             f"with the working margin) do not fit the available memory ({gib(estimate['available_bytes'])})")
+    if args.method in REFUSED:
+        raise StreamError(f"{args.model} is too big to prune in memory here: {sizes}, and {args.method} cannot stream "
+                          f"({REFUSED[args.method]}). Fix: a streamable method ({', '.join(SUPPORTED)}), a machine with "
+                          f"more memory, or --no-stream to try in memory anyway")
+    if len(args.targets) > 1:
+        raise StreamError(f"{args.model} is too big to prune in memory here: {sizes}, and streaming mode prunes one "
+                          f"target per run. Fix: one --target per run, or --no-stream to try in memory anyway")
+    print(f"streaming mode: {sizes}, so {args.model} is pruned one decoder layer at a time (as with --stream; "
+          f"--no-stream forces in memory)")
+    return estimate
+
+
+def _run_stream(args, options: dict, plan, auto: dict | None = None) -> int:
     """``structlm prune MODEL_DIR --stream``: :func:`structlm.streaming.stream_prune`."""
     from transformers import AutoConfig
 
@@ -371,12 +402,26 @@ def _run_stream(args, options: dict, plan) -> int:
     if not args.dry_run and not args.no_eval:
         print("streaming mode does not evaluate before/after (the whole model would be resident); evaluate the "
               f"output with: structlm eval {args.out}")
+    regime = None
+    target = args.targets[0]
+    if target is not None and target.is_latency and args.latency_table is None:   # as in memory: this machine's table
+        from .latency import Regime
+
+        regime = Regime.here(args.latency_regime, args.latency_batch, args.latency_seq, device=args.device,
+                             dtype=str(_save_dtype(args)).removeprefix("torch."), threads=args.threads)
     dry_run = args.dry_run or not distributed.is_main()   # under torchrun the other ranks only score
+    mode = {"stream": {"automatic": True, "memory": auto}} if auto else {"stream": {"automatic": False}}
     result = stream_prune(folder, None if dry_run else args.out, method=args.method, target=args.target,
                           calib=calib, plan=plan, options=options, align=args.align, dtype=args.dtype,
                           tokenizer=tokenizer, device=args.device, force=args.force, dry_run=dry_run,
+                          latency_table=args.latency_table, regime=regime, report=mode,
                           recipe=lambda p, dtype: {**_recipe(args, options, p, dtype), "mode": "stream"})
     print(result.plan.summary_text(result.graph))
+    if "latency" in result.info:
+        lat = result.info["latency"]
+        budget = f", budget {lat['budget_ms']:.2f} ms" if "budget_ms" in lat else ""
+        print(f"predicted latency: {lat['predicted_ms']:.2f} ms, x{lat['predicted_speedup']:.3f} of the dense "
+              f"{lat['dense_predicted_ms']:.2f} ms{budget}")
     if dry_run:
         return 0
     s = result.stats
@@ -397,9 +442,13 @@ def run(args) -> int:
     distributed.quiet_other_ranks()
     main = distributed.is_main()
     _check_args(args)
+    auto = None
+    if not getattr(args, "stream", False) and not getattr(args, "no_stream", False):
+        auto = _auto_stream(args)
+        args.stream = auto is not None
     if getattr(args, "stream", False):
         return _run_stream(args, _method_options(args) if args.method else {},
-                           PrunePlan.load(args.plan) if args.plan else None)
+                           PrunePlan.load(args.plan) if args.plan else None, auto)
     options = _method_options(args) if args.method else {}
     plan = PrunePlan.load(args.plan) if args.plan else None  # read (and schema-checked) before any work
     models.set_threads(args.threads)

@@ -118,7 +118,8 @@ def test_single_file_bf16_checkpoint_loads_with_stock_transformers(tmp_path):
         assert torch.equal(got[k], v), k
 
 
-@pytest.mark.parametrize("family,method", [("gemma3", "wanda_sp"), ("mistral", "flap"), ("gpt2", "magnitude")])
+@pytest.mark.parametrize("family,method", [("gemma3", "wanda_sp"), ("mistral", "flap"), ("gpt2", "magnitude"),
+                                           ("gemma3", "ziplm"), ("qwen3", "modegpt")])
 def test_other_families_stream(tmp_path, family, method):
     """Gemma 3 (sliding + global attention layers, per-type rotary) through the layer runner; an
     untied lm_head (Mistral: its own shard; FLAP skips its biases, which Mistral cannot hold); GPT-2's
@@ -135,7 +136,76 @@ def test_other_families_stream(tmp_path, family, method):
     torch.testing.assert_close(logits(tmp_path / "out", ids), logits(tmp_path / "mem", ids), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["finercut", "sleb", "llm_pruner", "ziplm"])
+def _without_seconds(info: dict) -> dict:
+    drop = ("seconds",)
+    return {k: v for k, v in info.items() if k not in drop}
+
+
+@pytest.mark.parametrize("method,target,options", [
+    ("ziplm", "params=0.8", {}),
+    ("ziplm", "params=0.75", {"sequential": False, "batch_size": 4}),   # dense inputs; batches of 4 and 2
+    ("ziplm", "speedup=1.3", {}),                                         # a latency target (synthetic table)
+    ("modegpt", "params=0.8", {}),
+    ("modegpt", "params=0.85", {"allocation": "uniform", "modules": "ffn,vo"}),   # no importance pass
+])
+def test_calibrating_methods_stream_equal_in_memory(sharded, tmp_path, monkeypatch, method, target, options):
+    """ziplm and modegpt: the level database / block importance in pass 1, the re-fit / decomposition
+    layer by layer in the calibration pass, on the states the earlier changed layers give (as in
+    memory); the same plan, the same updates (updates.safetensors assembled tensor by tensor) and
+    the same logits, one decoder layer resident at a time."""
+    from structlm.graph import build_graph
+    from structlm.plan import PrunePlan
+    from test_latency import synthetic_table
+
+    folder, model = sharded
+    calib = tiny_inputs(model.config, batch=6, seq=16)
+    options = {"progress": False, **options}
+    table = synthetic_table(build_graph(model), per_channel=0.02) if target.startswith("speedup") else None
+    mem = structlm.prune(structlm.load(folder), method, target, calib, options=dict(options), latency_table=table)
+    structlm.save(mem.model, None, tmp_path / "mem", plan=mem.plan)
+    assert mem.plan.updates, "the test must cover the reconstructed weights"
+
+    counter = ResidentCounter(monkeypatch, get_adapter(model.config), LAYERS)
+    res = stream_prune(folder, tmp_path / "stream", method=method, target=target, calib=calib, options=dict(options),
+                       latency_table=table, progress=False)
+    assert counter.peak == 1 and counter.loads >= 2 * LAYERS
+    assert res.plan.to_dict() == mem.plan.to_dict()
+    assert json.loads((tmp_path / "stream" / "plan.json").read_text()) == json.loads(
+        (tmp_path / "mem" / "plan.json").read_text())
+    saved = PrunePlan.load(tmp_path / "stream" / "plan.json").updates   # the assembled file reads back
+    assert sorted(saved) == sorted(res.plan.updates) == sorted(mem.plan.updates)
+    for name, value in mem.plan.updates.items():
+        torch.testing.assert_close(res.plan.updates[name], value, rtol=0, atol=1e-6)
+        torch.testing.assert_close(saved[name], value, rtol=0, atol=1e-6)
+    mem_info, res_info = _without_seconds(mem.info), _without_seconds(res.info)
+    if "latency" in mem_info:
+        assert res_info.pop("latency")["predicted_ms"] == mem_info.pop("latency")["predicted_ms"]
+    assert res_info == mem_info
+    ids = tiny_inputs(model.config, batch=2, seq=12, seed=5)
+    torch.testing.assert_close(logits(tmp_path / "stream", ids), logits(tmp_path / "mem", ids), rtol=0, atol=1e-5)
+    report = json.loads((tmp_path / "stream" / "report.json").read_text())
+    scored = not (method == "modegpt" and options.get("allocation") == "uniform")
+    assert report["stats"]["stream_passes"] == 2 + scored and report["stats"]["updates_bytes"] > 0
+    assert not [p.name for p in (tmp_path / "stream").iterdir() if p.name.startswith(".")]   # scratch updates gone
+
+
+def test_ziplm_stream_with_a_level_database_and_refusals(sharded, tmp_path):
+    """--levels DIR: no scoring pass (the calibration pass and the shrink only); -O search=evo (the
+    whole assembled model per candidate) is refused in one line naming the fixes."""
+    folder, model = sharded
+    calib = tiny_inputs(model.config, batch=4, seq=16)
+    first = stream_prune(folder, tmp_path / "a", method="ziplm", target="params=0.8", calib=calib,
+                         options={"save_levels": str(tmp_path / "levels"), "progress": False}, progress=False)
+    again = stream_prune(folder, tmp_path / "b", method="ziplm", target="params=0.8", calib=calib,
+                         options={"levels": str(tmp_path / "levels"), "progress": False}, progress=False)
+    assert again.stats["stream_passes"] == 2 and again.plan.to_dict() == first.plan.to_dict()
+    with pytest.raises(StreamError, match=r"search=evo .* use -O search=dp .* or prune in memory") as e:
+        stream_prune(folder, tmp_path / "c", method="ziplm", target="params=0.8", calib=calib,
+                     options={"search": "evo"}, progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("method", ["finercut", "sleb", "llm_pruner"])
 def test_refused_methods_say_why(sharded, tmp_path, method):
     folder, model = sharded
     with pytest.raises(StreamError, match=f"{method} cannot run in streaming mode: .*Prune in memory") as e:
@@ -214,10 +284,54 @@ def test_cli_stream_errors(cli_folder, tmp_path, capsys):
     err = _cli_error(["prune", str(root / "tiny"), "--stream", "--method", "flap", "--target", "params=0.9,0.8",
                       "--calib-data", text, "--out", str(tmp_path / "o"), *FAST], capsys)
     assert "one target per run" in err
-    err = _cli_error(["prune", str(root / "tiny"), "--stream", "--method", "flap", "--target", "speedup=1.5",
-                      "--calib-data", text, "--out", str(tmp_path / "o"), *FAST], capsys)
-    assert "latency targets" in err
+    err = _cli_error(["prune", str(root / "tiny"), "--stream", "--method", "ziplm", "-O", "search=evo", *base], capsys)
+    assert "search=evo" in err and "search=dp" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_stream_ziplm_equals_in_memory(cli_folder, tmp_path):
+    """The CLI's streamed ziplm (calibration pass, updates.safetensors beside plan.json) against the
+    same run in memory."""
+    root = cli_folder
+    common = ["--method", "ziplm", "--target", "params=0.8", "--calib-data", str(root / "text.txt"), *FAST]
+    assert cli.main(["prune", str(root / "tiny"), "--stream", "--out", str(tmp_path / "s"), *common]) == 0
+    assert cli.main(["prune", str(root / "tiny"), "--no-eval", "--out", str(tmp_path / "m"), *common]) == 0
+    assert json.loads((tmp_path / "s" / "plan.json").read_text()) == json.loads((tmp_path / "m" / "plan.json").read_text())
+    assert (tmp_path / "s" / "updates.safetensors").is_file()
+    ids = torch.randint(3, 100, (2, 12))
+    torch.testing.assert_close(logits(tmp_path / "s", ids), logits(tmp_path / "m", ids), rtol=0, atol=1e-5)
+
+
+def test_automatic_streaming(cli_folder, tmp_path, monkeypatch, capsys):
+    """Weights too big for the available memory (a monkeypatched figure): a streamable method
+    streams by itself (one line, and report.json says so), a non-streamable one is refused in one
+    line, and --no-stream forces in memory."""
+    from structlm.streaming import auto
+
+    root = cli_folder
+    fp32 = auto.float32_weight_bytes(root / "tiny")
+    assert fp32 == 4 * sum(p.numel() for p in structlm.load(root / "tiny").parameters())
+    monkeypatch.setattr(auto, "available_memory", lambda device="cpu": fp32)   # below the margin
+    common = ["--target", "params=0.8", "--calib-data", str(root / "text.txt"), *FAST]
+    assert cli.main(["prune", str(root / "tiny"), "--method", "flap", "--out", str(tmp_path / "a"), *common]) == 0
+    printed = capsys.readouterr().out
+    lines = [line for line in printed.splitlines() if line.startswith("streaming mode:")]
+    assert len(lines) == 1 and "do not fit the available memory" in lines[0] and "--no-stream" in lines[0]
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["mode"] == "stream" and report["stream"]["automatic"] is True
+    assert report["stream"]["memory"]["available_bytes"] == fp32 and not report["stream"]["memory"]["fits"]
+    err = _cli_error(["prune", str(root / "tiny"), "--method", "sleb", "--out", str(tmp_path / "b"), *common], capsys)
+    assert "too big to prune in memory" in err and "sleb cannot stream" in err and "--no-stream" in err
+    assert not (tmp_path / "b").exists()
+    err = _cli_error(["prune", str(root / "tiny"), "--method", "flap", "--target", "params=0.9,0.8", "--calib-data",
+                      str(root / "text.txt"), "--out", str(tmp_path / "b"), *FAST], capsys)
+    assert "one target per run" in err and "--no-stream" in err
+    assert cli.main(["prune", str(root / "tiny"), "--method", "flap", "--no-stream", "--no-eval",
+                     "--out", str(tmp_path / "c"), *common]) == 0
+    assert "streaming mode:" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "c" / "report.json").read_text()).get("mode") != "stream"
+    monkeypatch.setattr(auto, "available_memory", lambda device="cpu": 1 << 40)   # fits: in memory, nothing said
+    assert auto.memory_estimate(root / "tiny")["fits"]
 
 
 def test_flap_saved_in_bfloat16_equals_in_memory_bit_for_bit(sharded, tmp_path):

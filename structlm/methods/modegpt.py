@@ -225,18 +225,29 @@ def solve_phi(graph, importance, budget: float, opts: dict, modules, target=None
 # ---- the passes ---------------------------------------------------------------------------------
 
 @torch.no_grad()
+def layer_importance(seq: Sequential, i: int) -> float:
+    """BI of layer ``i`` on the (dense) states ``seq`` holds, which move on through the layer."""
+    before = seq.hidden
+    seq.advance(i)
+    cos = sum(float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).sum())
+              for a, b in zip(before, seq.hidden))
+    cos, tokens = distributed.reduce_floats(cos, sum(h.shape[0] * h.shape[1] for h in before))   # over ranks
+    return 1.0 - cos / tokens
+
+
+@torch.no_grad()
 def block_importance(model, calib: torch.Tensor, batch_size: int = 8, progress: bool = True) -> list[float]:
     """BI per layer on the dense model: ``1 - mean over tokens of cos(x_in, x_out)``."""
     seq = Sequential(model, calib, batch_size=batch_size)
-    out = []
-    for i in tqdm(range(seq.n_layers), desc="modegpt importance", unit="layer", disable=not progress):
-        before = seq.hidden
-        seq.advance(i)
-        cos = sum(float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).sum())
-                  for a, b in zip(before, seq.hidden))
-        cos, tokens = distributed.reduce_floats(cos, sum(h.shape[0] * h.shape[1] for h in before))   # over ranks
-        out.append(1.0 - cos / tokens)
-    return out
+    return [layer_importance(seq, i)
+            for i in tqdm(range(seq.n_layers), desc="modegpt importance", unit="layer", disable=not progress)]
+
+
+def check_importance(importance) -> None:
+    broken = [i for i, s in enumerate(importance) if not math.isfinite(s)]
+    if broken:
+        raise MoDeGPTError(f"modegpt: the block importance of layer {broken[0]} is not finite (NaN/Inf): the "
+                           f"model's weights or the calibration data are broken; check the model with structlm eval")
 
 
 def _module(proj) -> str:
@@ -255,111 +266,142 @@ def _augment(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return torch.cat([w, (b if b is not None else w.new_zeros(w.shape[0]))[:, None]], dim=1)
 
 
+class Compressor:
+    """The compression layer by layer (:func:`compress` runs it over every layer): :meth:`layer`
+    decomposes layer ``i`` at its counts on the inputs ``seq`` holds (Types II and III on the
+    attention, then Type I on the FFN fed by the compressed attention), leaves it in the masked
+    form (removed rows/columns zero) and moves ``seq`` on through it; :meth:`updates` reads the
+    new values in the plan's shrunk coordinates and :meth:`restore` puts the dense weights back.
+    Only layer ``i``'s weights are read and written (streaming mode runs it with that one layer
+    resident)."""
+
+    def __init__(self, model, graph, seq: Sequential, counts: list[dict], modules, opts: dict):
+        self.model, self.graph, self.seq, self.counts, self.modules, self.opts = model, graph, seq, counts, modules, opts
+        self.ad = get_adapter(model.config).bind({n: tuple(p.shape) for n, p in model.named_parameters()})
+        self.saved: dict[str, torch.Tensor] = {}
+
+    def _param(self, name):
+        p = self.model.get_parameter(name)
+        self.saved.setdefault(name, p.detach().clone())
+        return p
+
+    def _set_rows(self, name, start, rows):   # rows [n, ...] written at rows start.. of parameter ``name``
+        p = self._param(name)
+        p.data[start: start + rows.shape[0]] = rows.to(p.dtype)
+
+    def layer(self, i: int) -> tuple[LayerPlan, dict]:
+        model, graph, ad, seq, modules, opts = self.model, self.graph, self.ad, self.seq, self.modules, self.opts
+        param, set_rows = self._param, self._set_rows
+        hd, per_group, n_kv = graph.head_dim, graph.n_heads // graph.n_kv, graph.n_kv
+        c = self.counts[i]
+        lp = LayerPlan()
+        row = {"layer": i, "ffn_kept": c["ffn"], "qk_kept": c["qk"], "v_kept": c["v"]}
+        q, k, v, o = ad.q(i), ad.k(i), ad.v(i), ad.o(i)
+        qk_units = graph.channel_group("qk_channel", i, 0).count if graph.groups_of("qk_channel", i) else 0
+        do_qk = "qk" in modules and c["qk"] < qk_units
+        do_vo = "vo" in modules and c["v"] < hd
+        if do_qk or do_vo:
+            gram = seq.collect(i, [_module(q)], stat=AugmentedGram)[_module(q)]
+            gram.check_finite(_module(q))
+            cx = gram.matrix()                                           # [(D+1), (D+1)]
+        if do_qk:   # Type II: keep the top rotary pairs of every KV group, no weight change
+            wq, wk = _augment(*_rows(model, q)), _augment(*_rows(model, k))
+            dq = torch.einsum("rd,de,re->r", wq, cx, wq)
+            dk = torch.einsum("rd,de,re->r", wk, cx, wk)
+            pairs = graph.config.get("qk_channel") == "rope_pair"
+            scores = qk_pair_scores(dq, dk, per_group, hd, pairs)
+            keep = {g: sorted(torch.topk(scores[g], c["qk"]).indices.tolist()) for g in range(n_kv)}
+            lp.qk_channels = keep
+            for g in range(n_kv):   # zero the removed pairs' q and k rows (the masked form)
+                gone = [u for u in range(qk_units) if u not in set(keep[g])]
+                dims = [u + half for u in gone for half in ((0, hd // 2) if pairs else (0,))]
+                for proj, heads in ((q, range(g * per_group, (g + 1) * per_group)), (k, [g])):
+                    rows = [proj.offset + h * hd + d for h in heads for d in dims]
+                    for name in (proj.weight, proj.bias):
+                        if name:
+                            param(name).data[rows] = 0
+            row["qk_score_kept"] = float(sum(scores[g][keep[g]].sum() for g in range(n_kv)) / scores.sum())
+        if do_vo:   # Type III: one V basis per KV group, fitted to all its query heads
+            c_sqrt = psd_sqrt(cx)
+            wv, bv = _rows(model, v)
+            wo = model.get_parameter(o.weight).detach().double()        # [D, heads * hd]
+            err = total = 0.0
+            for g in range(n_kv):
+                w_v = _augment(wv[g * hd:(g + 1) * hd], None if bv is None else bv[g * hd:(g + 1) * hd]).T
+                heads = range(g * per_group, (g + 1) * per_group)
+                w_o = torch.cat([wo[:, h * hd:(h + 1) * hd].T for h in heads], dim=1)   # [hd, heads * D]
+                new_v, new_o, e, t = value_output(c_sqrt, w_v, w_o, c["v"])
+                err, total = err + e, total + t
+                full_v = torch.zeros(hd, w_v.shape[0], dtype=torch.float64)
+                full_v[: c["v"]] = new_v.T
+                set_rows(v.weight, v.offset + g * hd, full_v[:, :-1])
+                if v.bias:
+                    set_rows(v.bias, v.offset + g * hd, full_v[:, -1])
+                p = param(o.weight)
+                D = wo.shape[0]
+                for j, h in enumerate(heads):
+                    block = torch.zeros(D, hd, dtype=torch.float64)
+                    block[:, : c["v"]] = new_o[:, j * D:(j + 1) * D].T
+                    p.data[:, h * hd:(h + 1) * hd] = block.to(p.dtype)
+            lp.v_channels = {g: list(range(c["v"])) for g in range(n_kv)}
+            row["vo_relative_error"] = err / max(total, 1e-300)
+        if "ffn" in modules and c["ffn"] < graph.intermediate:   # Type I, on the compressed attention's output
+            down = ad.ffn_out(i)
+            gram = seq.collect(i, [_module(down)])[_module(down)]
+            gram.check_finite(_module(down))
+            cf = gram.matrix()
+            w_down = model.get_parameter(down.weight).detach().double()
+            kept, new, scores = nystrom(w_down, cf, c["ffn"], opts["ridge"], opts["damp"])
+            d = w_down.clone()
+            d[:, kept] -= new
+            row["ffn_relative_error"] = float(torch.einsum("oi,ij,oj->", d, cf, d)
+                                              / torch.einsum("oi,ij,oj->", w_down, cf, w_down).clamp_min(1e-300))
+            full = torch.zeros_like(w_down)
+            full[:, kept] = new
+            p = param(down.weight)
+            p.data.copy_(full.to(p.dtype))
+            gone = sorted(set(range(graph.intermediate)) - set(kept.tolist()))
+            for proj in ad.ffn_in(i):
+                for name in (proj.weight, proj.bias):
+                    if name:
+                        param(name).data[[proj.offset + j for j in gone]] = 0
+            lp.ffn_channels = kept.tolist()
+        seq.advance(i)
+        return lp, row
+
+    def updated(self) -> list[str]:
+        """The changed parameters that get new values (v, o, down; not the zeroed q/k and gate/up rows)."""
+        return [n for n in self.saved if _is_updated(n, self.ad, self.graph)]
+
+    def updates(self, plan: PrunePlan, names=None) -> dict[str, torch.Tensor]:
+        return _shrunk_updates(self.model, plan, self.graph, self.updated() if names is None else names)
+
+    def restore(self, names=None) -> None:
+        for name in list(self.saved) if names is None else names:
+            self.model.get_parameter(name).data.copy_(self.saved.pop(name))
+
+
+def layers_plan(layers: dict, graph, align: int) -> PrunePlan:
+    return PrunePlan(layers={i: lp for i, lp in layers.items() if not lp.is_identity}, family=graph.family, align=align)
+
+
 def compress(model, graph, calib, counts: list[dict], modules, opts: dict) -> tuple[PrunePlan, list[dict]]:
     """Layer by layer: Types II and III on the attention, then Type I on the FFN fed by the compressed
     attention, then move the calibration states on.  The model is changed in the masked form (removed
     rows/columns zero) while it runs and restored at the end; returns the plan with its updates."""
-    ad = get_adapter(model.config).bind({n: tuple(p.shape) for n, p in model.named_parameters()})
     seq = Sequential(model, calib, batch_size=opts["batch_size"])
-    hd, per_group, n_kv = graph.head_dim, graph.n_heads // graph.n_kv, graph.n_kv
-    saved: dict[str, torch.Tensor] = {}
+    comp = Compressor(model, graph, seq, counts, modules, opts)
     layers: dict[int, LayerPlan] = {}
     report = []
-
-    def param(name):
-        p = model.get_parameter(name)
-        saved.setdefault(name, p.detach().clone())
-        return p
-
-    def set_rows(name, start, rows):   # rows [n, ...] written at rows start.. of parameter ``name``
-        p = param(name)
-        p.data[start: start + rows.shape[0]] = rows.to(p.dtype)
-
     try:
         bar = tqdm(range(graph.n_layers), desc="modegpt compress", unit="layer", disable=not opts["progress"])
         for i in bar:
-            c = counts[i]
-            lp = LayerPlan()
-            row = {"layer": i, "ffn_kept": c["ffn"], "qk_kept": c["qk"], "v_kept": c["v"]}
-            q, k, v, o = ad.q(i), ad.k(i), ad.v(i), ad.o(i)
-            qk_units = graph.channel_group("qk_channel", i, 0).count if graph.groups_of("qk_channel", i) else 0
-            do_qk = "qk" in modules and c["qk"] < qk_units
-            do_vo = "vo" in modules and c["v"] < hd
-            if do_qk or do_vo:
-                gram = seq.collect(i, [_module(q)], stat=AugmentedGram)[_module(q)]
-                gram.check_finite(_module(q))
-                cx = gram.matrix()                                           # [(D+1), (D+1)]
-            if do_qk:   # Type II: keep the top rotary pairs of every KV group, no weight change
-                wq, wk = _augment(*_rows(model, q)), _augment(*_rows(model, k))
-                dq = torch.einsum("rd,de,re->r", wq, cx, wq)
-                dk = torch.einsum("rd,de,re->r", wk, cx, wk)
-                pairs = graph.config.get("qk_channel") == "rope_pair"
-                scores = qk_pair_scores(dq, dk, per_group, hd, pairs)
-                keep = {g: sorted(torch.topk(scores[g], c["qk"]).indices.tolist()) for g in range(n_kv)}
-                lp.qk_channels = keep
-                for g in range(n_kv):   # zero the removed pairs' q and k rows (the masked form)
-                    gone = [u for u in range(qk_units) if u not in set(keep[g])]
-                    dims = [u + half for u in gone for half in ((0, hd // 2) if pairs else (0,))]
-                    for proj, heads in ((q, range(g * per_group, (g + 1) * per_group)), (k, [g])):
-                        rows = [proj.offset + h * hd + d for h in heads for d in dims]
-                        for name in (proj.weight, proj.bias):
-                            if name:
-                                param(name).data[rows] = 0
-                row["qk_score_kept"] = float(sum(scores[g][keep[g]].sum() for g in range(n_kv)) / scores.sum())
-            if do_vo:   # Type III: one V basis per KV group, fitted to all its query heads
-                c_sqrt = psd_sqrt(cx)
-                wv, bv = _rows(model, v)
-                wo = model.get_parameter(o.weight).detach().double()        # [D, heads * hd]
-                err = total = 0.0
-                for g in range(n_kv):
-                    w_v = _augment(wv[g * hd:(g + 1) * hd], None if bv is None else bv[g * hd:(g + 1) * hd]).T
-                    heads = range(g * per_group, (g + 1) * per_group)
-                    w_o = torch.cat([wo[:, h * hd:(h + 1) * hd].T for h in heads], dim=1)   # [hd, heads * D]
-                    new_v, new_o, e, t = value_output(c_sqrt, w_v, w_o, c["v"])
-                    err, total = err + e, total + t
-                    full_v = torch.zeros(hd, w_v.shape[0], dtype=torch.float64)
-                    full_v[: c["v"]] = new_v.T
-                    set_rows(v.weight, v.offset + g * hd, full_v[:, :-1])
-                    if v.bias:
-                        set_rows(v.bias, v.offset + g * hd, full_v[:, -1])
-                    p = param(o.weight)
-                    D = wo.shape[0]
-                    for j, h in enumerate(heads):
-                        block = torch.zeros(D, hd, dtype=torch.float64)
-                        block[:, : c["v"]] = new_o[:, j * D:(j + 1) * D].T
-                        p.data[:, h * hd:(h + 1) * hd] = block.to(p.dtype)
-                lp.v_channels = {g: list(range(c["v"])) for g in range(n_kv)}
-                row["vo_relative_error"] = err / max(total, 1e-300)
-            if "ffn" in modules and c["ffn"] < graph.intermediate:   # Type I, on the compressed attention's output
-                down = ad.ffn_out(i)
-                gram = seq.collect(i, [_module(down)])[_module(down)]
-                gram.check_finite(_module(down))
-                cf = gram.matrix()
-                w_down = model.get_parameter(down.weight).detach().double()
-                kept, new, scores = nystrom(w_down, cf, c["ffn"], opts["ridge"], opts["damp"])
-                d = w_down.clone()
-                d[:, kept] -= new
-                row["ffn_relative_error"] = float(torch.einsum("oi,ij,oj->", d, cf, d)
-                                                  / torch.einsum("oi,ij,oj->", w_down, cf, w_down).clamp_min(1e-300))
-                full = torch.zeros_like(w_down)
-                full[:, kept] = new
-                p = param(down.weight)
-                p.data.copy_(full.to(p.dtype))
-                gone = sorted(set(range(graph.intermediate)) - set(kept.tolist()))
-                for proj in ad.ffn_in(i):
-                    for name in (proj.weight, proj.bias):
-                        if name:
-                            param(name).data[[proj.offset + j for j in gone]] = 0
-                lp.ffn_channels = kept.tolist()
-            layers[i] = lp
+            layers[i], row = comp.layer(i)
             report.append(row)
-            seq.advance(i)
-        plan = PrunePlan(layers={i: lp for i, lp in layers.items() if not lp.is_identity}, family=graph.family,
-                         align=opts["align"])
-        plan.updates = _shrunk_updates(model, plan, graph, [n for n in saved if _is_updated(n, ad, graph)])
+        plan = layers_plan(layers, graph, opts["align"])
+        plan.updates = comp.updates(plan)
     finally:
-        for name, w in saved.items():
-            model.get_parameter(name).data.copy_(w)
+        comp.restore()
     return plan, report
 
 
@@ -438,12 +480,7 @@ def _options(graph, options: dict) -> tuple[dict, list[str], dict]:
     return opts, sorted(set(modules), key=MODULES.index), notes
 
 
-@register("modegpt")
-@torch.no_grad()
-def modegpt(model, graph, target, calib, **options):
-    started = time.perf_counter()
-    opts, modules, notes = _options(graph, options)
-    t = parse_target(target)
+def check_target(t, modules) -> None:
     if t.kind != "params" and not t.is_latency:
         raise MoDeGPTError(f"modegpt takes a params target (params=0.8) or a latency target (speedup=1.5, "
                            f"latency_ms=20), not {t}")
@@ -452,26 +489,40 @@ def modegpt(model, graph, target, calib, **options):
         # shrink only the projections: the latency table prices attention by heads, not head dims
         raise MoDeGPTError(f"modegpt: a latency target ({t}) is met by narrowing the FFN, but modules="
                            f"{','.join(modules)} leaves it whole. Fix: include ffn (-O modules=auto), or use params=")
+
+
+def budget_for(graph, t) -> float:
+    # a latency target prices attention at its full time (head dims do not change the table's
+    # attention configuration), so the predicted time is an upper bound for the plan's
+    return t.latency_budget(graph) if t.is_latency else int(math.floor(t.value * graph.total_params))
+
+
+def method_info(t, opts, modules, notes, budget, phi_avg, phis, importance, report, calib_shape, started) -> dict:
+    return {"method": "modegpt", "modules": modules, "notes": notes, "allocation": opts["allocation"],
+            "ridge": opts["ridge"], "damp": opts["damp"], "eps": opts["eps"], "cap": opts["cap"],
+            "phi_avg": phi_avg, ("budget_ms" if t.is_latency else "budget_params"): budget,
+            "calibration": list(calib_shape),
+            "layers": [{**row, "block_importance": importance[row["layer"]] if opts["allocation"] == "bi" else None,
+                        "phi": phis[row["layer"]]} for row in report],
+            "seconds": round(time.perf_counter() - started, 2)}
+
+
+@register("modegpt")
+@torch.no_grad()
+def modegpt(model, graph, target, calib, **options):
+    started = time.perf_counter()
+    opts, modules, notes = _options(graph, options)
+    t = parse_target(target)
+    check_target(t, modules)
     LayerRunner(model)   # refuses a family the layer runner cannot run, before any scoring
     if calib is None:
         raise MoDeGPTError("modegpt fits its decompositions on calibration data: calibration token ids are needed")
-    # a latency target prices attention at its full time (head dims do not change the table's
-    # attention configuration), so the predicted time is an upper bound for the plan's
-    budget = t.latency_budget(graph) if t.is_latency else int(math.floor(t.value * graph.total_params))
+    budget = budget_for(graph, t)
     if opts["allocation"] == "bi":
         importance = block_importance(model, calib, opts["batch_size"], opts["progress"])
-        broken = [i for i, s in enumerate(importance) if not math.isfinite(s)]
-        if broken:
-            raise MoDeGPTError(f"modegpt: the block importance of layer {broken[0]} is not finite (NaN/Inf): the "
-                               f"model's weights or the calibration data are broken; check the model with structlm eval")
+        check_importance(importance)
     else:
         importance = [0.0] * graph.n_layers
     phi_avg, phis, counts = solve_phi(graph, importance, budget, opts, modules, t)
     plan, report = compress(model, graph, calib, counts, modules, opts)
-    info = {"method": "modegpt", "modules": modules, "notes": notes, "allocation": opts["allocation"],
-            "ridge": opts["ridge"], "damp": opts["damp"], "eps": opts["eps"], "cap": opts["cap"],
-            "phi_avg": phi_avg, ("budget_ms" if t.is_latency else "budget_params"): budget, "calibration": list(calib.shape),
-            "layers": [{**row, "block_importance": importance[row["layer"]] if opts["allocation"] == "bi" else None,
-                        "phi": phis[row["layer"]]} for row in report],
-            "seconds": round(time.perf_counter() - started, 2)}
-    return plan, info
+    return plan, method_info(t, opts, modules, notes, budget, phi_avg, phis, importance, report, calib.shape, started)

@@ -255,12 +255,39 @@ def ffn_path(w: torch.Tensor, h: torch.Tensor, step: int) -> tuple[list[Level], 
     return levels, order
 
 
+def layer_levels(model, graph, seq: Sequential, i: int, *, damp: float = 0.01,
+                 ffn_step: int = 8) -> list[SublayerLevels]:
+    """Layer ``i``'s two sublayer level paths (attention, FFN), on the inputs ``seq`` holds (dense:
+    the layer is not changed); ``seq`` moves on through the layer.  Only layer ``i``'s weights
+    are read (streaming mode calls this with that one layer resident)."""
+    o, down = _projections(model, i)
+    names = [o.weight.rpartition(".")[0], down.weight.rpartition(".")[0]]
+    square, tokens = distributed.reduce_floats(sum(float(h.double().square().sum()) for h in seq.hidden),
+                                               sum(h.shape[0] * h.shape[1] for h in seq.hidden))
+    residual = square / tokens   # (summed over the ranks under torchrun)
+    stats = seq.collect(i, names, advance=True)   # the dense pass: the layer does not change
+    for name in names:
+        stats[name].check_finite(name)
+    kv, qh = graph.group("kv_group", i), graph.group("query_head", i)
+    h_o = dampen(stats[names[0]].matrix(), damp)
+    attention = SublayerLevels(i, "attention", attention_path(
+        _weight(model, o), h_o, graph.n_heads, graph.n_kv, graph.head_dim, qh.params_per_unit,
+        kv.params_per_unit), residual=residual)
+    del h_o
+    h_d = dampen(stats[names[1]].matrix(), damp)
+    levels, order = ffn_path(_weight(model, down), h_d, ffn_step)
+    return [attention, SublayerLevels(i, "ffn", levels, order, residual)]
+
+
+def levels_meta(damp: float, ffn_step: int, calib_shape) -> dict:
+    return {"damp": damp, "ffn_step": ffn_step, "calibration": list(calib_shape), "scored_on": "dense inputs"}
+
+
 def build_levels(model, graph, calib: torch.Tensor, *, damp: float = 0.01, layers=None, ffn_step: int = 8,
                  batch_size: int = 8, progress: bool = True) -> LevelDatabase:
     """Pass 1: the OBS level database of every (attention, FFN) sublayer of ``layers`` (dense inputs)."""
     layers = list(range(graph.n_layers)) if layers is None else list(layers)
     seq = Sequential(model, calib, batch_size=batch_size)
-    kv, qh = None, None
     subs: list[SublayerLevels] = []
     wanted = set(layers)
     bar = tqdm(range(graph.n_layers), desc="ziplm levels", unit="layer", disable=not progress)
@@ -268,27 +295,10 @@ def build_levels(model, graph, calib: torch.Tensor, *, damp: float = 0.01, layer
         if i > max(wanted):
             break
         if i in wanted:
-            o, down = _projections(model, i)
-            names = [o.weight.rpartition(".")[0], down.weight.rpartition(".")[0]]
-            square, tokens = distributed.reduce_floats(sum(float(h.double().square().sum()) for h in seq.hidden),
-                                                       sum(h.shape[0] * h.shape[1] for h in seq.hidden))
-            residual = square / tokens   # (summed over the ranks under torchrun)
-            stats = seq.collect(i, names, advance=True)   # the dense pass: the layer does not change
-            for name in names:
-                stats[name].check_finite(name)
-            kv, qh = graph.group("kv_group", i), graph.group("query_head", i)
-            h_o = dampen(stats[names[0]].matrix(), damp)
-            subs.append(SublayerLevels(i, "attention", attention_path(
-                _weight(model, o), h_o, graph.n_heads, graph.n_kv, graph.head_dim, qh.params_per_unit,
-                kv.params_per_unit), residual=residual))
-            h_d = dampen(stats[names[1]].matrix(), damp)
-            levels, order = ffn_path(_weight(model, down), h_d, ffn_step)
-            subs.append(SublayerLevels(i, "ffn", levels, order, residual))
-            del stats, h_o, h_d
+            subs += layer_levels(model, graph, seq, i, damp=damp, ffn_step=ffn_step)
         else:
             seq.advance(i)
-    return LevelDatabase(fingerprint(graph), subs, {"damp": damp, "ffn_step": ffn_step,
-                                                    "calibration": list(calib.shape), "scored_on": "dense inputs"})
+    return LevelDatabase(fingerprint(graph), subs, levels_meta(damp, ffn_step, calib.shape))
 
 
 # ---- pass 2: allocation -----------------------------------------------------------------------------
@@ -574,74 +584,107 @@ def plan_from_choice(db: LevelDatabase, graph, choice: list[int], align: int) ->
 
 # ---- pass 3: reconstruction -------------------------------------------------------------------
 
-def reconstruct(model, graph, plan: PrunePlan, calib: torch.Tensor, *, damp: float = 0.01, sequential: bool = True,
-                batch_size: int = 8, progress: bool = True) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Least-squares re-fit of the kept o_proj / down_proj columns of every pruned sublayer, layer by
-    layer.  Returns (updates in shrunk coordinates, per-layer errors); the model is restored."""
-    seq = Sequential(model, calib, batch_size=batch_size, propagate=sequential)
-    hd = graph.head_dim
-    updates: dict[str, torch.Tensor] = {}
-    report = []
-    saved: dict[str, torch.Tensor] = {}       # dense weights of the projections changed so far
+class Reconstruction:
+    """Pass 3 layer by layer (:func:`reconstruct` runs it over every layer): :meth:`layer` re-fits
+    layer ``i``'s pruned output projections on the inputs ``seq`` holds, writes them into the
+    model in the masked form (removed columns zero) and moves ``seq`` on through the layer;
+    :meth:`restore` puts the dense weights back (of one layer, or of all).  Only layer ``i``'s
+    weights are read and written (streaming mode runs it with that one layer resident)."""
 
-    def write(proj, kept_cols, new):
+    def __init__(self, model, graph, plan: PrunePlan, seq: Sequential, *, damp: float = 0.01, sequential: bool = True):
+        self.model, self.graph, self.plan, self.seq = model, graph, plan, seq
+        self.damp, self.sequential = damp, sequential
+        self.updates: dict[str, torch.Tensor] = {}   # new weights in shrunk coordinates
+        self.saved: dict[str, torch.Tensor] = {}     # dense weights of the projections changed so far
+
+    def todo(self, i: int) -> list:
+        """(kind, projection, kept input columns) of layer ``i``'s sublayers that need a re-fit."""
+        if i in self.plan.removed_blocks:
+            return []
+        graph, lp, hd = self.graph, self.plan.layer(i), self.graph.head_dim
+        o, down = _projections(self.model, i)
+        heads = self.plan.kept_heads(graph, i)
+        ffn_kept = self.plan.kept_ffn(graph, i)
+        out = []
+        if lp.attention and len(heads) < graph.n_heads:
+            out.append(("attention", o, torch.tensor([h * hd + d for h in heads for d in range(hd)])))
+        if lp.ffn and len(ffn_kept) < graph.intermediate:
+            out.append(("ffn", down, torch.tensor(ffn_kept)))
+        return out
+
+    def _write(self, proj, kept_cols, new) -> None:
+        model = self.model
         param = model.get_parameter(proj.weight)
-        saved.setdefault(proj.weight, param.detach().clone())
+        self.saved.setdefault(proj.weight, param.detach().clone())
         transposed = input_dim(model.get_submodule(proj.weight.rpartition(".")[0])) == 0
         full = torch.zeros_like(param) if not transposed else torch.zeros_like(param.T)
         full[:, kept_cols] = new.to(param.dtype)
         param.data.copy_(full.T if transposed else full)
-        updates[proj.weight] = (full[:, kept_cols].T if transposed else full[:, kept_cols]).clone()
+        self.updates[proj.weight] = (full[:, kept_cols].T if transposed else full[:, kept_cols]).clone()
 
     @contextlib.contextmanager
-    def dense_weights(names):
+    def _dense_weights(self, names):
+        model = self.model
         current = {n: model.get_parameter(n).detach().clone() for n in names}
         try:
             for n in names:
-                model.get_parameter(n).data.copy_(saved[n])
+                model.get_parameter(n).data.copy_(self.saved[n])
             yield
         finally:
             for n in names:
                 model.get_parameter(n).data.copy_(current[n])
 
+    def layer(self, i: int) -> dict | None:
+        """Re-fit layer ``i`` and move the calibration states on; its report row (None for a removed block)."""
+        seq, sequential = self.seq, self.sequential
+        if i in self.plan.removed_blocks:
+            seq.remove_sublayers(i, attention=False, ffn=False)
+            seq.advance(i)
+            return None
+        lp = self.plan.layer(i)
+        todo = self.todo(i)
+        row = {"layer": i}
+        # sequentially, the FFN is calibrated after the attention is re-fitted (its input moves);
+        # without propagation both see the dense layer's inputs
+        grams = None if sequential else seq.collect(i, [p.weight.rpartition(".")[0] for _, p, _ in todo])
+        seq.remove_sublayers(i, attention=lp.attention, ffn=lp.ffn)
+        for kind, proj, kept_cols in todo:
+            name = proj.weight.rpartition(".")[0]
+            gram = (seq.collect(i, [name]) if sequential else grams)[name]
+            gram.check_finite(name)
+            h = dampen(gram.matrix(), self.damp)
+            w = _weight(self.model, proj)
+            new = least_squares(w, h, kept_cols)
+            d = w.double().clone()
+            d[:, kept_cols] -= new
+            row[f"{kind}_error"] = float(torch.einsum("oi,ij,oj->", d, h, d))
+            self._write(proj, kept_cols, new)
+        names = [p.weight for _, p, _ in todo]
+        seq.advance(i, (lambda: self._dense_weights(names)) if not sequential else None)
+        return row
+
+    def restore(self, names=None) -> None:
+        """The dense weights back into the model (of ``names``, or of every changed projection)."""
+        for name in list(self.saved) if names is None else names:
+            self.model.get_parameter(name).data.copy_(self.saved.pop(name))
+
+
+def reconstruct(model, graph, plan: PrunePlan, calib: torch.Tensor, *, damp: float = 0.01, sequential: bool = True,
+                batch_size: int = 8, progress: bool = True) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Least-squares re-fit of the kept o_proj / down_proj columns of every pruned sublayer, layer by
+    layer.  Returns (updates in shrunk coordinates, per-layer errors); the model is restored."""
+    seq = Sequential(model, calib, batch_size=batch_size, propagate=sequential)
+    rec = Reconstruction(model, graph, plan, seq, damp=damp, sequential=sequential)
+    report = []
     try:
         bar = tqdm(range(graph.n_layers), desc="ziplm reconstruct", unit="layer", disable=not progress)
         for i in bar:
-            if i in plan.removed_blocks:
-                seq.remove_sublayers(i, attention=False, ffn=False)
-                seq.advance(i)
-                continue
-            lp = plan.layer(i)
-            o, down = _projections(model, i)
-            heads = plan.kept_heads(graph, i)
-            ffn_kept = plan.kept_ffn(graph, i)
-            todo = []
-            if lp.attention and len(heads) < graph.n_heads:
-                todo.append(("attention", o, torch.tensor([h * hd + d for h in heads for d in range(hd)])))
-            if lp.ffn and len(ffn_kept) < graph.intermediate:
-                todo.append(("ffn", down, torch.tensor(ffn_kept)))
-            row = {"layer": i}
-            # sequentially, the FFN is calibrated after the attention is re-fitted (its input moves);
-            # without propagation both see the dense layer's inputs
-            grams = None if sequential else seq.collect(i, [p.weight.rpartition(".")[0] for _, p, _ in todo])
-            seq.remove_sublayers(i, attention=lp.attention, ffn=lp.ffn)
-            for kind, proj, kept_cols in todo:
-                name = proj.weight.rpartition(".")[0]
-                gram = (seq.collect(i, [name]) if sequential else grams)[name]
-                gram.check_finite(name)
-                h = dampen(gram.matrix(), damp)
-                w = _weight(model, proj)
-                new = least_squares(w, h, kept_cols)
-                d = w.double().clone()
-                d[:, kept_cols] -= new
-                row[f"{kind}_error"] = float(torch.einsum("oi,ij,oj->", d, h, d))
-                write(proj, kept_cols, new)
-            report.append(row)
-            seq.advance(i, (lambda names=[p.weight for _, p, _ in todo]: dense_weights(names)) if not sequential else None)
+            row = rec.layer(i)
+            if row is not None:
+                report.append(row)
     finally:
-        for name, w in saved.items():
-            model.get_parameter(name).data.copy_(w)
-    return updates, report
+        rec.restore()
+    return rec.updates, report
 
 
 # ---- the method -------------------------------------------------------------------------------
@@ -704,14 +747,30 @@ def prepare(model, graph, calib, options: dict) -> dict:
     return out
 
 
+def check_target(t) -> None:
+    if t.kind != "params" and not t.is_latency:
+        raise ZipLMError(f"ziplm takes a params target (params=0.8) or a latency target (speedup=1.5, "
+                         f"latency_ms=20), not {t}")
+
+
+def levels_info(db: LevelDatabase, choice: list[int]) -> list[dict]:
+    return [{"layer": s.layer, "kind": s.kind, "level": j, "of": len(s.levels) - 1,
+             "error": float(f"{s.levels[j].error:.6g}")} for s, j in zip(db.sublayers, choice)]
+
+
+def finish_info(info: dict, db: LevelDatabase, choice: list[int], opts: dict, calib_shape, per_layer) -> dict:
+    info.update(method="ziplm", damp=opts["damp"], sequential=opts["sequential"], ffn_step=opts["ffn_step"],
+                layers=opts["layers"], calibration=None if calib_shape is None else list(calib_shape),
+                levels=levels_info(db, choice), reconstruction=per_layer, level_database=db.meta)
+    return info
+
+
 @register("ziplm")
 @torch.no_grad()
 def ziplm(model, graph, target, calib, **options):
     opts = _options(graph, options)
     t = parse_target(target)
-    if t.kind != "params" and not t.is_latency:
-        raise ZipLMError(f"ziplm takes a params target (params=0.8) or a latency target (speedup=1.5, "
-                         f"latency_ms=20), not {t}")
+    check_target(t)
     LayerRunner(model)   # refuses a family the layer runner cannot run, before any scoring
     db = _levels_for(model, graph, calib, opts)
     if opts["save_levels"]:
@@ -734,12 +793,7 @@ def ziplm(model, graph, target, calib, **options):
     updates, per_layer = reconstruct(model, graph, plan, calib, damp=opts["damp"], sequential=opts["sequential"],
                                      batch_size=opts["batch_size"], progress=opts["progress"])
     plan.updates = updates
-    levels_info = [{"layer": s.layer, "kind": s.kind, "level": j, "of": len(s.levels) - 1,
-                    "error": float(f"{s.levels[j].error:.6g}")} for s, j in zip(db.sublayers, choice)]
-    info.update(method="ziplm", damp=opts["damp"], sequential=opts["sequential"], ffn_step=opts["ffn_step"],
-                layers=opts["layers"], calibration=None if calib is None else list(calib.shape),
-                levels=levels_info, reconstruction=per_layer, level_database=db.meta)
-    return plan, info
+    return plan, finish_info(info, db, choice, opts, None if calib is None else calib.shape, per_layer)
 
 
 ziplm.prepare = prepare
