@@ -220,8 +220,9 @@ def main() -> None:
     scratch = Path(args.scratch)
     print(f"checkpoint: {scratch / 'model'} ({args.shape})", flush=True)
     t0 = time.perf_counter()
+    reused = (scratch / "model" / "model.safetensors.index.json").is_file()
     write_checkpoint(scratch / "model", args.shape)
-    written = round(time.perf_counter() - t0, 1)
+    written = None if reused else round(time.perf_counter() - t0, 1)   # None: written by an earlier run
     child_json = scratch / "child.json"
     cmd = [sys.executable, __file__, "--child-json", str(child_json), "--scratch", str(scratch), "--shape",
            args.shape, "--method", args.method, "--target", args.target, "--calib-samples", str(args.calib_samples),
