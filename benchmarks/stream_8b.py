@@ -8,9 +8,11 @@
    tensor by tensor (the script itself never holds more than one layer); needs ~16 GB of disk for
    it and ~13 GB for the pruned output (``--scratch``/out, removed afterwards unless ``--keep``);
 2. prunes it with ``structlm.streaming.stream_prune`` in a child process on random calibration ids
-   and reads the child's peak RSS (``getrusage(RUSAGE_CHILDREN).ru_maxrss``), the wall time per
-   layer in each pass (from the streaming observer) and in all, and extrapolates to the default
-   calibration (32 x 256 tokens: pass 1's layer time is scaled by the tokens, the rest is kept);
+   and reads the child's peak RSS and CPU time (``getrusage(RUSAGE_CHILDREN)``: ``ru_maxrss``,
+   ``ru_utime + ru_stime``); per stage (one layer's work in each pass, from the streaming
+   observer) the wall and CPU time, the time spent reading the checkpoint and the highest RSS
+   sampled every 50 ms; and extrapolates to the default calibration (32 x 256 tokens: pass 1's
+   layer time less its reads is scaled by the tokens, the rest is kept);
 3. builds Llama-3-70B's config on the meta device and times its graph, a plan and the plan's cost
    (no weights);
 4. writes benchmarks/results/stream_8b.{json,md} with the command.
@@ -95,27 +97,82 @@ def write_checkpoint(folder: Path, shape: str, seed: int = 0) -> dict:
     return json.loads((folder / "config.json").read_text())
 
 
+def _status_kib(key: str) -> int:
+    """VmRSS / VmHWM of this process from /proc (KiB; 0 where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def child(args) -> None:
-    """The pruning run whose peak RSS is measured (a fresh process)."""
+    """The pruning run whose peak RSS is measured (a fresh process).  Each stage (the interval
+    between two observer calls: one layer's work and the next layer's read) gets its wall time,
+    CPU time (user + sys of this process), the time spent reading the checkpoint, the highest RSS
+    sampled during it (every 50 ms) and the process's RSS high-water mark at its end."""
+    import threading
+
     import torch
 
     from structlm.models import set_threads
+    from structlm.streaming import checkpoint as ckpt_module
     from structlm.streaming import stream_prune
 
     set_threads(args.threads)
     config = json.loads((Path(args.scratch) / "model" / "config.json").read_text())
     g = torch.Generator().manual_seed(0)
     calib = torch.randint(0, config["vocab_size"], (args.calib_samples, args.calib_len), generator=g)
-    marks: list[tuple[str, int | None, float]] = []
-    start = time.perf_counter()
+
+    reading = [0.0]                 # seconds inside StreamingCheckpoint.load (reads + casts), cumulative
+    load = ckpt_module.StreamingCheckpoint.load
+
+    def timed_load(self, *a, **kw):
+        t = time.perf_counter()
+        try:
+            return load(self, *a, **kw)
+        finally:
+            reading[0] += time.perf_counter() - t
+    ckpt_module.StreamingCheckpoint.load = timed_load
+
+    sampled = [0]                   # highest VmRSS sampled since the last mark
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(0.05):
+            sampled[0] = max(sampled[0], _status_kib("VmRSS"))
+    threading.Thread(target=sample, daemon=True).start()
+
+    stages: list[dict] = []
+
+    def mark(stage, i):
+        now, cpu = time.perf_counter(), time.process_time()
+        rss = _status_kib("VmRSS")
+        if stages:
+            last = stages[-1]
+            last.update(seconds=round(now - last.pop("_t"), 3), cpu_seconds=round(cpu - last.pop("_cpu"), 3),
+                        read_seconds=round(reading[0] - last.pop("_read"), 3),
+                        peak_rss_mib=round(max(sampled[0], rss, last.pop("_rss")) / 1024, 1),
+                        hwm_mib=round(_status_kib("VmHWM") / 1024, 1))
+        sampled[0] = 0
+        if stage is not None:
+            stages.append({"stage": stage, "layer": i, "_t": now, "_cpu": cpu, "_read": reading[0], "_rss": rss})
+
+    start, cpu0 = time.perf_counter(), time.process_time()
+    mark("open+embed", None)        # the skeleton, the embedding's read and run, and layer 0's read
     result = stream_prune(Path(args.scratch) / "model", Path(args.scratch) / "out", method=args.method,
                           target=args.target, calib=calib, device=args.device, force=True,
-                          observer=lambda stage, i, model: marks.append((stage, i, time.perf_counter())))
+                          observer=lambda stage, i, model: mark(stage, i))
+    mark(None, None)
+    stop.set()
     end = time.perf_counter()
-    per = {}
-    for (stage, i, t), nxt in zip(marks, marks[1:] + [("end", None, end)]):
-        per.setdefault(stage, []).append(round(nxt[2] - t, 3))
-    out = {"seconds": round(end - start, 1), "per_layer_seconds": per, "stats": result.stats,
+    per: dict[str, list[float]] = {}
+    for s in stages:
+        per.setdefault(s["stage"], []).append(s["seconds"])
+    out = {"seconds": round(end - start, 1), "cpu_seconds": round(time.process_time() - cpu0, 1),
+           "per_layer_seconds": per, "stages": stages, "stats": result.stats,
            "plan_params_ratio": result.plan.cost(result.graph)["params_ratio"],
            "output_bytes": sum(p.stat().st_size for p in (Path(args.scratch) / "out").iterdir())}
     Path(args.child_json).write_text(json.dumps(out, indent=1, default=str))
@@ -163,26 +220,56 @@ def main() -> None:
     scratch = Path(args.scratch)
     print(f"checkpoint: {scratch / 'model'} ({args.shape})", flush=True)
     t0 = time.perf_counter()
+    reused = (scratch / "model" / "model.safetensors.index.json").is_file()
     write_checkpoint(scratch / "model", args.shape)
-    written = round(time.perf_counter() - t0, 1)
+    written = None if reused else round(time.perf_counter() - t0, 1)   # None: written by an earlier run
     child_json = scratch / "child.json"
     cmd = [sys.executable, __file__, "--child-json", str(child_json), "--scratch", str(scratch), "--shape",
            args.shape, "--method", args.method, "--target", args.target, "--calib-samples", str(args.calib_samples),
            "--calib-len", str(args.calib_len), "--threads", str(args.threads), "--device", args.device]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
     subprocess.run(cmd, check=True, env=env)
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak_kib, child_cpu = usage.ru_maxrss, usage.ru_utime + usage.ru_stime
     run = json.loads(child_json.read_text())
     tokens = args.calib_samples * args.calib_len
-    pass1 = sum(run["per_layer_seconds"].get("score", []))
-    pass2 = sum(run["per_layer_seconds"].get("shrink", [])) + sum(run["per_layer_seconds"].get("rest", []))
+    stages = run["stages"]
+    one = [s for s in stages if s["stage"] in ("open+embed", "score")]
+    two = [s for s in stages if s["stage"] in ("shrink", "rest")]
+
+    def total(rows, key):
+        return round(sum(r[key] for r in rows), 1)
+
+    def median(values):
+        values = sorted(values)
+        return values[len(values) // 2] if values else 0.0
+
+    pass1, pass2 = total(one, "seconds"), total(two, "seconds")
+    # what grows with the calibration tokens: pass 1's layers less their checkpoint reads (the forward, the
+    # statistics); the embedding lookup is negligible and open+embed is mostly building the skeleton
+    score_rows = [s for s in one if s["stage"] == "score"]
+    scaled = total(score_rows, "seconds") - total(score_rows, "read_seconds")
+    scaled_cpu = total(score_rows, "cpu_seconds") - total(score_rows, "read_seconds")
+    factor = (32 * 256) / tokens
     ckpt_bytes = sum(f.stat().st_size for f in (scratch / "model").iterdir())
+    peaks = {}
+    for s in stages:
+        peaks[s["stage"]] = max(peaks.get(s["stage"], 0.0), s["peak_rss_mib"])
+    hwm_stage = next((s for s in stages if s["hwm_mib"] >= stages[-1]["hwm_mib"]), stages[-1])
     result = {"shape": args.shape, "config": SHAPES[args.shape], "checkpoint_bytes": ckpt_bytes,
               "checkpoint_write_seconds": written, "method": args.method, "target": args.target,
               "calibration": [args.calib_samples, args.calib_len], "device": args.device, "threads": args.threads,
-              "peak_rss_bytes": peak_kib * 1024, "wall_seconds": run["seconds"], "pass1_seconds": round(pass1, 1),
-              "pass2_seconds": round(pass2, 1), "per_layer_seconds": run["per_layer_seconds"],
-              "extrapolated_seconds_32x256": round(run["seconds"] - pass1 + pass1 * (32 * 256) / tokens, 1),
+              "peak_rss_bytes": peak_kib * 1024,
+              "peak_rss_mib_by_stage": peaks,
+              "peak_reached_in": {"stage": hwm_stage["stage"], "layer": hwm_stage["layer"]},
+              "wall_seconds": run["seconds"], "cpu_seconds": round(child_cpu, 1),
+              "pass1_seconds": pass1, "pass2_seconds": pass2,
+              "pass1_cpu_seconds": total(one, "cpu_seconds"), "pass2_cpu_seconds": total(two, "cpu_seconds"),
+              "read_seconds": total(stages, "read_seconds"),
+              "per_layer_seconds": run["per_layer_seconds"],
+              "extrapolated_seconds_32x256": round(run["seconds"] + scaled * (factor - 1), 1),
+              "extrapolated_cpu_seconds_32x256": round(child_cpu + scaled_cpu * (factor - 1), 1),
+              "stages": stages,
               "output_bytes": run["output_bytes"], "params_kept": run["stats"]["params_kept"],
               "llama_70b_on_meta": meta_70b(),
               "command": "python benchmarks/stream_8b.py " + shlex.join(sys.argv[1:]),
@@ -193,21 +280,41 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     stem = "stream_8b" if args.shape == "8b" else f"stream_{args.shape}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    layers = run["per_layer_seconds"]
+    score = [s for s in stages if s["stage"] == "score"]
+    shrunk = [s for s in stages if s["stage"] == "shrink"]
+    meta = result["llama_70b_on_meta"]
     md = [f"# Streaming mode, {args.shape} shape ({ckpt_bytes / 2**30:.1f} GiB bf16 checkpoint, random weights)", "",
           f"`{result['command']}`", "",
+          f"On {os.cpu_count()} CPU cores shared with other jobs: wall times are inflated by whatever else ran; "
+          f"the CPU time (user + sys of the pruning process) is the steadier figure. Random weights make the "
+          f"time and memory real and the plan meaningless.", "",
           "| | |", "|---|---|",
           f"| method, target | {args.method} {args.target} |",
           f"| calibration | {args.calib_samples} x {args.calib_len} tokens |",
           f"| device, threads | {args.device}, {args.threads} |",
-          f"| peak RSS | {peak_kib / 2**20:.2f} GiB |",
+          f"| peak RSS (whole pruning process) | {peak_kib / 2**20:.2f} GiB (reached in: {hwm_stage['stage']}"
+          f"{'' if hwm_stage['layer'] is None else ' layer ' + str(hwm_stage['layer'])}) |",
           f"| wall time | {run['seconds']:.0f} s (pass 1 {pass1:.0f} s, pass 2 {pass2:.0f} s) |",
-          f"| per layer, pass 1 (median) | {sorted(layers.get('score', [0]))[len(layers.get('score', [0])) // 2]:.1f} s |",
-          f"| per layer, pass 2 (median) | {sorted(layers.get('shrink', [0]))[len(layers.get('shrink', [0])) // 2]:.1f} s |",
-          f"| extrapolated to 32 x 256 calibration | {result['extrapolated_seconds_32x256']:.0f} s |",
+          f"| CPU time (user + sys) | {child_cpu:.0f} s (pass 1 {result['pass1_cpu_seconds']:.0f} s, "
+          f"pass 2 {result['pass2_cpu_seconds']:.0f} s) |",
+          f"| of which reading the checkpoint (wall) | {result['read_seconds']:.0f} s |",
+          f"| per layer, pass 1: wall / CPU (median) | {median([s['seconds'] for s in score]):.1f} s / "
+          f"{median([s['cpu_seconds'] for s in score]):.1f} s |",
+          f"| per layer, pass 2: wall / CPU (median) | {median([s['seconds'] for s in shrunk]):.1f} s / "
+          f"{median([s['cpu_seconds'] for s in shrunk]):.1f} s |",
+          f"| extrapolated to 32 x 256 calibration: wall / CPU | {result['extrapolated_seconds_32x256']:.0f} s / "
+          f"{result['extrapolated_cpu_seconds_32x256']:.0f} s |",
           f"| params kept | {run['stats']['params_kept']:.3f} |",
-          f"| Llama-3-70B on meta: graph, plan + cost | {result['llama_70b_on_meta']['graph_seconds']} s, "
-          f"{result['llama_70b_on_meta']['plan_and_cost_seconds']} s |", ""]
+          f"| output | {run['output_bytes'] / 2**30:.2f} GiB |",
+          f"| Llama-3-70B on meta ({meta['params'] / 1e9:.1f} B params): meta model, graph, plan + cost "
+          f"| {meta['meta_model_seconds']} s, {meta['graph_seconds']} s, {meta['plan_and_cost_seconds']} s "
+          f"({meta['plan']}: {len(meta['removed_blocks'])} blocks removed, params ratio {meta['params_ratio']}) |", "",
+          "Peak RSS by stage (MiB; the highest RSS sampled every 50 ms during any stage of that kind):", "",
+          "| stage | peak RSS |", "|---|---|",
+          *[f"| {k} | {v:.0f} |" for k, v in peaks.items()], "",
+          "The extrapolation scales pass 1's layer stages without their checkpoint reads (the forward and the statistics grow "
+          "with the calibration tokens) by (32 x 256) / tokens and keeps the rest. Per-layer figures for every "
+          "stage (wall, CPU, read, RSS) are in the JSON file beside this one.", ""]
     (RESULTS / f"{stem}.md").write_text("\n".join(md))
     print("\n".join(md))
 

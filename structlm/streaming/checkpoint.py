@@ -1,12 +1,21 @@
 """A local safetensors checkpoint opened without its weights: a model skeleton on the meta device
 (``accelerate.init_empty_weights``: parameters on meta, buffers such as rotary frequencies real)
-whose tensors are read one by one from the checkpoint files (``safetensors.safe_open``) into the
-modules that are being worked on, and dropped back to meta afterwards."""
+whose tensors are read one by one from the checkpoint files into the modules that are being worked
+on, and dropped back to meta afterwards.
+
+Tensors are read with plain file reads into a fresh tensor (the offsets from the safetensors
+header), not through a memory map: the pages of a mapped shard that has been read count toward the
+process's resident memory until the map is closed, which for an 8B model's 1 GB embedding or
+lm_head shard doubles the memory of that read (``safetensors.safe_open`` is the fallback for a
+dtype the reader does not know)."""
 
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -47,6 +56,53 @@ def checkpoint_files(folder: Path) -> dict[str, str]:
     raise StreamError(f"--stream reads safetensors weights; {folder} has no {SINGLE_FILE} or {INDEX_FILE}"
                       + (f" (it has {', '.join(others[:3])}: convert it with save_pretrained(safe_serialization=True), "
                          f"or prune without --stream)" if others else ""))
+
+
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_FINITE_CHUNK = 1 << 24     # elements per isfinite() call: its bool temporary stays small (16 MB)
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header (tensor name -> dtype, shape, data_offsets) and where its data starts."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)), 8 + n
+
+
+def _read_into(f, offset: int, t: torch.Tensor) -> None:
+    view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    f.seek(offset)
+    done = 0
+    while done < len(view):
+        got = f.readinto(view[done:])
+        if not got:
+            raise StreamError(f"--stream: {f.name} ends before its tensors do (a truncated shard); download it again")
+        done += got
+
+
+def _finite(t: torch.Tensor) -> bool:
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[s:s + _FINITE_CHUNK]).all()) for s in range(0, flat.numel(), _FINITE_CHUNK))
+
+
+_libc_trim = None
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``; nothing elsewhere): the
+    layers' tensors are freed one by one and the heap otherwise keeps growing with fragments."""
+    global _libc_trim
+    if _libc_trim is None:
+        _libc_trim = False
+        if sys.platform.startswith("linux"):
+            try:
+                _libc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+            except (OSError, AttributeError):
+                pass
+    if _libc_trim:
+        _libc_trim(0)
 
 
 def _set(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -97,6 +153,7 @@ class StreamingCheckpoint:
                               f"(as save_pretrained writes them)")
         self.tied = tied
         self.reads = 0
+        self._headers: dict = {}
 
     def work_model(self) -> nn.Module:
         """A fresh meta copy of the skeleton to load tensors into."""
@@ -111,20 +168,48 @@ class StreamingCheckpoint:
 
     def load(self, model: nn.Module, names, device="cpu", dtype=torch.float32) -> None:
         """Read ``names`` from the checkpoint into ``model`` (on ``device``, in ``dtype``)."""
-        from safetensors import safe_open
-
+        _trim_heap()   # what the previous layer freed
         by_file: dict[str, list[str]] = {}
         for n in names:
             by_file.setdefault(self.files[n], []).append(n)
         for file, group in by_file.items():
-            with safe_open(str(self.folder / file), "pt", device="cpu") as f:
-                for n in group:
-                    t = f.get_tensor(n)
-                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                        raise StreamError(f"--stream: tensor {n} in {self.folder / file} has NaN or infinite values; "
-                                          f"the checkpoint is broken (weights that are not finite are refused)")
-                    _set(model, n, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
-                    self.reads += 1
+            for n, t in self._read(file, group):
+                if t.is_floating_point() and not _finite(t):
+                    raise StreamError(f"--stream: tensor {n} in {self.folder / file} has NaN or infinite values; "
+                                      f"the checkpoint is broken (weights that are not finite are refused)")
+                _set(model, n, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
+                del t
+                self.reads += 1
+
+    def _read(self, file: str, names):
+        """(name, tensor) of ``names`` in ``file``, each read into its own CPU tensor."""
+        path = self.folder / file
+        if file not in self._headers:
+            try:
+                self._headers[file] = _header(path)
+            except (OSError, ValueError, UnicodeDecodeError):   # safe_open below says what is wrong
+                self._headers[file] = ({}, 0)
+        header, base = self._headers[file]
+        infos = [header.get(n) if isinstance(header, dict) else None for n in names]
+        plain = sys.byteorder == "little" and all(
+            isinstance(i, dict) and i.get("dtype") in _DTYPES and len(i.get("data_offsets", ())) == 2 for i in infos)
+        if plain:
+            with open(path, "rb", buffering=0) as f:
+                for n, info in zip(names, infos):
+                    t = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+                    start, end = info["data_offsets"]
+                    if end - start != t.numel() * t.element_size():
+                        raise StreamError(f"--stream: tensor {n} in {path} has {end - start} bytes for shape "
+                                          f"{info['shape']} {info['dtype']}; the shard is broken")
+                    _read_into(f, base + start, t)
+                    yield n, t
+                    del t    # not held while the next one is read
+            return
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt", device="cpu") as f:
+            for n in names:
+                yield n, f.get_tensor(n)
 
     @staticmethod
     def cast(model: nn.Module, names, dtype, device=None) -> None:
