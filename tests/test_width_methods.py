@@ -489,8 +489,8 @@ def test_the_official_split_at_ratio_052_and_params_07_on_smollm2():
                                align=8).cost(graph)["params"] <= budget)
     assert {(r["kv_heads"], r["ffn_channels"]) for r in plan.shapes(graph) if r["layer"] in layers} == {(2, widest)}
     assert widest == 728 and plan.cost(graph)["params"] <= budget
-    # structlm's earlier split (allocation=uniform): one KV group, FFN refilled to 904
-    plan, _ = allocate(graph, scores, "params=0.7", allocation="uniform", layers=layers)
+    # structlm's earlier split (allocation=uniform with round): one KV group, FFN refilled to 904
+    plan, _ = allocate(graph, scores, "params=0.7", allocation="uniform", attn_rounding="round", layers=layers)
     assert {(r["kv_heads"], r["ffn_channels"]) for r in plan.shapes(graph) if r["layer"] in layers} == {(1, 904)}
 
 
@@ -502,11 +502,11 @@ def test_uniform_attention_rounding_is_an_option():
     for rounding in (None, "round", "floor"):
         plan, info = allocate(graph, scores, "params=0.95", layers=[0, 1], attn_ratio=0.5, attn_rounding=rounding)
         kept[rounding] = {len(plan.layer(i).kv_groups) for i in (0, 1)}
-        assert info["attn_rounding"] == (rounding or "round")
-    assert kept == {None: {1}, "round": {1}, "floor": {2}}   # round(1.5) = 2 groups go; floor: 1
+        assert info["attn_rounding"] == (rounding or "floor")
+    assert kept == {None: {2}, "round": {1}, "floor": {2}}   # round(1.5) = 2 groups go; floor (default): 1
     with pytest.raises(WidthError, match="attn_rounding applies to allocation=uniform only"):
         allocate(graph, scores, "params=0.8", allocation="per_root", layers=[0, 1], attn_rounding="floor")
-    with pytest.raises(WidthError, match="unknown attn_rounding 'ceil'; choose from round, floor"):
+    with pytest.raises(WidthError, match="unknown attn_rounding 'ceil'; choose from floor, round"):
         allocate(graph, scores, "params=0.8", layers=[0, 1], attn_rounding="ceil")
 
 

@@ -28,8 +28,9 @@ restored afterwards.
 Allocation: ``per_root`` by default, the official code's arithmetic: one pruning ratio applied to
 every k_proj and gate_proj root of the prunable layers, the k_proj channels it prunes taken in
 whole KV groups rounded down (:func:`structlm.methods._width.per_root_removed_steps`), the ratio
-the smallest that meets the params target.  ``allocation="uniform"`` (structlm's earlier default:
-KV groups rounded to nearest, FFN refilled to the target) and the others remain options.
+the smallest that meets the params target.  ``allocation="uniform"`` (KV groups rounded down
+by default, FFN refilled to the target; with ``attn_rounding="round"`` structlm's earlier default) and the
+others remain options.
 
 Options: ``taylor`` ("param_first"), ``aggregate`` ("sum"), ``max_samples`` (10), ``loss_chunk``
 (32), ``checkpoint`` (True) and the allocation options of :func:`structlm.methods._width.allocate`.
