@@ -47,6 +47,10 @@ def add_regime_args(p) -> None:
     p.add_argument("--batch", type=int_at_least(1), default=1, help="batch size (default: 1)")
     p.add_argument("--seq", type=int_at_least(1), default=128,
                    help="prompt length (prefill) or KV-cache length (decode) (default: 128)")
+    p.add_argument("--execution", choices=("eager", "cudagraph"), default="eager",
+                   help="eager: stock forward calls (from_pretrained + generate); cudagraph (GPU only): the forward "
+                        "captured once as a CUDA graph and replayed, as serving engines run small batches "
+                        "(default: eager)")
 
 
 def run(args) -> int:
@@ -57,7 +61,7 @@ def run(args) -> int:
 
     models.set_threads(args.threads)
     regime = Regime.here(args.regime, args.batch, args.seq, device=args.device, dtype=args.dtype,
-                         threads=args.threads)
+                         threads=args.threads, execution=args.execution)
     check_regime_device(regime)
     config = models.load_config(args.model)
     graph = build_graph(config)   # refuses, in one line, a family structlm cannot prune

@@ -9,6 +9,7 @@ import itertools
 import json
 
 import pytest
+import torch
 
 from structlm import cli
 from structlm.graph import build_graph
@@ -131,6 +132,32 @@ def test_bad_tables_are_refused_clearly(tmp_path):
         LatencyTable.load(tmp_path / "other.json")
     with pytest.raises(LatencyError, match="unknown regime"):
         Regime(phase="train")
+    with pytest.raises(LatencyError, match="cudagraph needs a CUDA device"):
+        Regime(execution="cudagraph")
+    with pytest.raises(LatencyError, match="execution 'compiled' is not measured"):
+        Regime(execution="compiled")
+
+
+def test_latency_cli_refuses_cudagraph_on_cpu(capsys):
+    assert cli.main(["latency", "smollm2-135m", "--execution", "cudagraph"]) == 2
+    assert "execution cudagraph needs a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_cudagraph_call_replays_the_eager_forward(phase):
+    from structlm.latency.regime import TimedCall
+
+    model = tiny_model("llama").to("cuda")
+    eager = TimedCall(model, Regime.here(phase, 2, 16, device="cuda"))
+    graphed = TimedCall(model, Regime.here(phase, 2, 16, device="cuda", execution="cudagraph"))
+    eager.prepare()
+    with torch.no_grad():
+        expected = eager.body(**eager._args).logits
+    for _ in range(2):      # every replay is the same step
+        graphed.prepare()
+        graphed.run()
+        torch.testing.assert_close(graphed._static_out.logits, expected, atol=1e-4, rtol=1e-4)
 
 
 # ---- targets -----------------------------------------------------------------------------------

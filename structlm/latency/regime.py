@@ -3,7 +3,8 @@
 A regime names the device, dtype, thread count, the phase (``prefill``: a [batch, seq] prompt,
 logits of the last position only, as ``generate`` does; ``decode``: one new token per sequence
 with a KV cache already holding ``seq`` tokens) and the execution (``eager``: what
-``from_pretrained`` + ``generate`` gives).  The same call times the probes a table is built from
+``from_pretrained`` + ``generate`` gives; ``cudagraph``, on a GPU: the forward captured once as a
+CUDA graph and replayed, as serving engines run small batches, so the host launches no kernels).  The same call times the probes a table is built from
 and the whole models a table is checked against, so the two measure the same thing.
 
 The statistic is robust to a shared machine: every variant is timed in pairs with a reference
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 PHASES = ("prefill", "decode")
-EXECUTIONS = ("eager",)
+EXECUTIONS = ("eager", "cudagraph")
 
 
 class LatencyError(ValueError):
@@ -43,21 +44,25 @@ class Regime:
             raise LatencyError(f"unknown regime {self.phase!r}; use one of {', '.join(PHASES)}")
         if self.execution not in EXECUTIONS:
             raise LatencyError(f"execution {self.execution!r} is not measured by this version; use "
-                               f"{', '.join(EXECUTIONS)} (compiled / CUDA-graph tables are not built yet)")
+                               f"{', '.join(EXECUTIONS)}")
+        if self.execution == "cudagraph" and not str(self.device).startswith("cuda"):
+            raise LatencyError(f"execution cudagraph needs a CUDA device (this regime is on {self.device}); "
+                               "use --device cuda on the GPU machine, or execution eager")
         if self.batch < 1 or self.seq < 1:
             raise LatencyError(f"batch and seq must be at least 1 (got batch={self.batch}, seq={self.seq})")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise LatencyError(f"dtype {self.dtype!r}: use float32, bfloat16 or float16")
 
     @classmethod
-    def here(cls, phase="prefill", batch=1, seq=128, device="cpu", dtype="float32", threads=None) -> "Regime":
+    def here(cls, phase="prefill", batch=1, seq=128, device="cpu", dtype="float32", threads=None,
+             execution="eager") -> "Regime":
         """The regime on this machine (threads: torch's current count on CPU)."""
         dev = torch.device(device)
         if dev.type == "cpu":
             threads = int(threads or torch.get_num_threads())
         else:
             threads = None
-        return cls(phase, int(batch), int(seq), str(dev), dtype, threads)
+        return cls(phase, int(batch), int(seq), str(dev), dtype, threads, execution)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,7 +110,12 @@ class TimedCall:
     """One timed forward of ``module`` in ``regime``: ``prepare()`` (untimed: inputs, a fresh copy of
     the prefilled KV cache) then ``run()``.  ``stack=True`` runs the decoder stack alone
     (``model.model`` on input embeddings: what the probes of a table measure); else the whole
-    causal LM from token ids, logits of the last position only."""
+    causal LM from token ids, logits of the last position only.
+
+    With ``execution="cudagraph"`` the call is captured once (after warm-up runs on a side stream)
+    and ``run()`` replays the graph.  A decode step replays from the same prefilled cache: the
+    step's cache update concatenates into new tensors of the graph's memory pool and leaves the
+    captured cache as it was, so every replay is the same step."""
 
     def __init__(self, model, regime: Regime, stack: bool = False, seed: int = 0):
         self.regime, self.stack = regime, stack
@@ -131,8 +141,31 @@ class TimedCall:
             with torch.no_grad():
                 self._cache = self.body(**self.prompt, use_cache=True, **self.extra).cache
         self._args = None
+        self._graph = None
+        if regime.execution == "cudagraph":
+            self._capture()
+
+    def _capture(self) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.no_grad(), torch.cuda.stream(stream):
+            for _ in range(3):
+                self._eager_prepare()
+                self.body(**self._args)
+        torch.cuda.current_stream().wait_stream(stream)
+        self._eager_prepare()
+        self._static = self._args            # the captured inputs (and cache) must outlive the graph
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            self._static_out = self.body(**self._static)
+        self._graph = graph
+        self._args = None
 
     def prepare(self) -> None:
+        if self._graph is None:
+            self._eager_prepare()
+
+    def _eager_prepare(self) -> None:
         if self.regime.phase == "prefill":
             self._args = dict(self.prompt, use_cache=True, **self.extra)
         elif self._cache is None:           # no layers, no cache: the fixed rest of one token
@@ -142,6 +175,9 @@ class TimedCall:
 
     @torch.no_grad()
     def run(self) -> None:
+        if self._graph is not None:
+            self._graph.replay()
+            return
         self.body(**self._args)
         self._args = None
 
