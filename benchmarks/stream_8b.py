@@ -227,7 +227,8 @@ def main() -> None:
     cmd = [sys.executable, __file__, "--child-json", str(child_json), "--scratch", str(scratch), "--shape",
            args.shape, "--method", args.method, "--target", args.target, "--calib-samples", str(args.calib_samples),
            "--calib-len", str(args.calib_len), "--threads", str(args.threads), "--device", args.device]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))   # the caller's packages too
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(args.threads)}
     subprocess.run(cmd, check=True, env=env)
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     peak_kib, child_cpu = usage.ru_maxrss, usage.ru_utime + usage.ru_stime

@@ -154,7 +154,11 @@ class TimedCall:
                 self.body(**self._args)
         torch.cuda.current_stream().wait_stream(stream)
         self._eager_prepare()
-        self._static = self._args            # the captured inputs (and cache) must outlive the graph
+        # the graph reads its inputs at the addresses they had when it was captured: keep every input
+        # tensor alive (the cache object's update rebinds its keys/values to new tensors, which would
+        # free the captured ones)
+        self._static = self._args
+        self._alive = _tensors(self._static)
         graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(graph):
             self._static_out = self.body(**self._static)
@@ -180,6 +184,23 @@ class TimedCall:
             return
         self.body(**self._args)
         self._args = None
+
+
+def _tensors(obj, depth: int = 0) -> list:
+    """Every tensor reachable from ``obj`` through containers and object attributes (a few levels)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if depth > 4:
+        return []
+    if isinstance(obj, dict):
+        items = obj.values()
+    elif isinstance(obj, (list, tuple)):
+        items = obj
+    elif hasattr(obj, "__dict__"):
+        items = vars(obj).values()
+    else:
+        return []
+    return [t for item in items for t in _tensors(item, depth + 1)]
 
 
 def time_paired(calls: dict, reference: str, regime: Regime, rounds: int = 7, reps: int = 2, warmup: int = 1,
