@@ -49,6 +49,7 @@ RESULTS_DIR = [HERE / "results"]   # --results replaces it
 REGIMES = {"prefill": dict(phase="prefill", batch=1, seq=128), "decode": dict(phase="decode", batch=1, seq=128)}
 METHODS = ["ziplm", "tp:l2", "tp:taylor-hidden-kept", "flap", "wanda_sp", "shortgpt", "modegpt", "llm_pruner", "magnitude", "sleb", "finercut"]
 TASKS = ["arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq"]
+GREEDY = ("finercut", "sleb")   # one search serves every target (prefixes of its removal order)
 
 
 def environment(threads: int) -> dict:
@@ -222,7 +223,7 @@ def prune_methods(args, model_name: str, result: dict, results_path: Path) -> No
 
     from structlm import data, methods
     from structlm.anchors import tp_prune_to_params
-    from structlm.pipeline import make_plan
+    from structlm.pipeline import latency_summary, make_plan
     from structlm.surgery import shrink
 
     rows = result["rows"]
@@ -256,11 +257,30 @@ def prune_methods(args, model_name: str, result: dict, results_path: Path) -> No
                 rows.append({"model": model_name, "method": spec, "target": f"speedup={t:g}", "refused": str(e)})
             continue
         shared = time.perf_counter() - start
+        search = None
+        if name in GREEDY and len(targets) > 1:
+            # one greedy search to the harshest target: each milder target's plan is a prefix of its
+            # removal order (the search stops at the first step that meets the target), timed to there
+            try:
+                _, search, search_stats = make_plan(base, method=name, target=f"speedup={max(targets):g}",
+                                                    calib=calib, graph=graph, options=dict(options),
+                                                    latency_table=table)
+                search["search_seconds"] = search_stats["score_seconds"]
+            except ValueError:
+                search = None          # the harshest target is out of reach: each target searches alone
         for t in targets:
             key = f"params={t:g}" if name == "tp" else f"speedup={t:g}"
             start = time.perf_counter()
             try:
-                if name == "tp":
+                if search is not None:
+                    plan, seconds_to_here = greedy_prefix(graph, name, search, key, table)
+                    model = copy.deepcopy(base)
+                    shrink(model, plan, graph)
+                    summary = latency_summary(table, graph, plan)
+                    predicted = summary["predicted_speedup"]
+                    layers = [f"{e['attention'] or '-'}/{e['ffn'] or '-'}" for e in summary["layers"]]
+                    start = time.perf_counter() - seconds_to_here
+                elif name == "tp":
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         model, _, _ = tp_prune_to_params(lambda: copy.deepcopy(dense), t,
@@ -296,6 +316,21 @@ def prune_methods(args, model_name: str, result: dict, results_path: Path) -> No
             results_path.write_text(json.dumps(result, indent=1) + "\n")
             del model
         del base
+
+
+def greedy_prefix(graph, method: str, info: dict, key: str, table):
+    """The plan a greedy search (finercut, sleb) gives at target ``key``, from the removal order of
+    a search to a harsher target, and the seconds that search took to get there."""
+    from structlm.methods._layers import finish_plan, target_reached
+    from structlm.targets import parse_target
+
+    order = info["removal_order"]
+    removed = [(o["layer"], o["sublayer"]) for o in order]
+    goal = parse_target(key).with_latency(table)
+    k = next(k for k in range(len(removed) + 1) if target_reached(graph, goal, removed[:k], method))
+    steps = info.get("steps", [])
+    seconds = info.get("search_seconds", 0.0) - sum(st["seconds"] for st in steps) + sum(st["seconds"] for st in steps[:k])
+    return finish_plan(graph, removed[:k], order[:k], goal, method), seconds
 
 
 def time_methods(args, model_name: str, result: dict, results_path: Path) -> None:
