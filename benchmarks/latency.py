@@ -49,6 +49,7 @@ RESULTS_DIR = [HERE / "results"]   # --results replaces it
 REGIMES = {"prefill": dict(phase="prefill", batch=1, seq=128), "decode": dict(phase="decode", batch=1, seq=128)}
 METHODS = ["ziplm", "tp:l2", "tp:taylor-hidden-kept", "flap", "wanda_sp", "shortgpt", "modegpt", "llm_pruner", "magnitude", "sleb", "finercut"]
 TASKS = ["arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq"]
+PARETO_PPL_CAP = 3000.0         # the plot's perplexity axis ends here
 GREEDY = ("finercut", "sleb")   # one search serves every target (prefixes of its removal order)
 
 
@@ -403,18 +404,21 @@ def pareto_plot(rows: list, path: Path) -> None:
     models_ = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, len(models_), figsize=(6 * len(models_), 4.2), squeeze=False)
     for ax, model_name in zip(axes[0], models_):
-        for method in sorted({r["method"] for r in rows if r["model"] == model_name}):
+        colours = plt.get_cmap("tab20").colors
+        for k, method in enumerate(sorted({r["method"] for r in rows if r["model"] == model_name})):
             got = sorted((r["measured_speedup"], r["ppl"]) for r in rows
                          if r["model"] == model_name and r["method"] == method and r.get("measured_speedup"))
             if got:
-                ax.plot([g[0] for g in got], [g[1] for g in got], marker="o", label=method)
+                ax.plot([g[0] for g in got], [g[1] for g in got], marker="os^Dv<>ph*"[k % 10], label=method,
+                        color=colours[(2 * k) % 20 + (k // 10) % 2])
         dense = [r["dense_ppl"] for r in rows if r["model"] == model_name and "dense_ppl" in r]
         if dense:
             ax.scatter([1.0], [dense[0]], marker="*", s=120, color="black", label="dense", zorder=5)
+            ax.set_ylim(dense[0] * 0.8, PARETO_PPL_CAP)   # collapsed models (ppl in the millions) would hide the rest
         ax.set_yscale("log")
         ax.set_xlabel("measured speedup over dense (CPU prefill 1x128)")
         ax.set_ylabel("held-out perplexity (log)")
-        ax.set_title(model_name)
+        ax.set_title(f"{model_name} (ppl above {PARETO_PPL_CAP:g}: off the chart)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
