@@ -288,3 +288,31 @@ def test_latency_verb_and_prune_with_a_table(tiny_folder, tmp_path, monkeypatch,
                      "--no-eval"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("method", ["finercut", "sleb"])
+def test_methods_benchmark_greedy_prefix_is_the_direct_search(method):
+    """benchmarks/latency.py searches a greedy method once, to the harshest speedup target; the
+    milder targets' plans (prefixes of its removal order) equal a search to each of them."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_latency", Path(__file__).resolve().parents[1] / "benchmarks" / "latency.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = tiny_model("llama", num_hidden_layers=6)
+    graph = build_graph(model)
+    table = synthetic_table(graph)
+    calib = tiny_inputs(model.config, batch=4, seq=12)
+    opts = {"progress": False}
+    _, info, stats = make_plan(model, method=method, target="speedup=1.8", calib=calib, graph=graph,
+                               latency_table=table, options=dict(opts))
+    info["search_seconds"] = stats["score_seconds"]
+    for target in ("speedup=1.2", "speedup=1.5", "speedup=1.8"):
+        plan, seconds = bench.greedy_prefix(graph, method, info, target, table)
+        direct, _, _ = make_plan(model, method=method, target=target, calib=calib, graph=graph,
+                                 latency_table=table, options=dict(opts))
+        assert plan.to_dict()["layers"] == direct.to_dict()["layers"], target
+        assert plan.removed_blocks == direct.removed_blocks, target
+        assert 0 <= seconds <= stats["score_seconds"] + 1e-6
