@@ -57,15 +57,22 @@ def load_harness():
     return module
 
 
-def random_model(model_name: str, seed: int = 0):
-    """The model's architecture with random weights, fp32 on the CPU (surgery runs there)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_config(model_name: str):
+    """The model's config from benchmarks/configs/MODEL.json (or a path to such a .json file)."""
+    from transformers import AutoConfig
 
-    config_path = CONFIGS / f"{model_name}.json"
+    config_path = Path(model_name) if model_name.endswith(".json") else CONFIGS / f"{model_name}.json"
     if not config_path.exists():
         raise SystemExit(f"no config for {model_name!r} at {config_path}; write it with "
                          f"`python benchmarks/gpu_latency.py --write-configs` where the model is cached")
-    config = AutoConfig.for_model(**json.loads(config_path.read_text()))
+    return AutoConfig.for_model(**json.loads(config_path.read_text()))
+
+
+def random_model(model_name: str, seed: int = 0):
+    """The model's architecture with random weights, fp32 on the CPU (surgery runs there)."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(model_name)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 

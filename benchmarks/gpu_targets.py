@@ -34,6 +34,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))   # run from a checkout without installing
+sys.path.insert(1, str(HERE))
+
+from gpu_latency import load_config                                       # noqa: E402
 
 from structlm.graph import build_graph                                   # noqa: E402
 from structlm.latency import Regime, measure_models                       # noqa: E402
@@ -41,17 +44,9 @@ from structlm.latency.measure import build_table, random_model           # noqa:
 from structlm.latency.regime import device_name, software                 # noqa: E402
 from structlm.latency.validate import validate_table                      # noqa: E402
 from structlm.methods.ziplm import LevelDatabase, allocate_levels, plan_from_choice   # noqa: E402
+from structlm.pipeline import latency_summary                             # noqa: E402
 from structlm.surgery import shrink                                       # noqa: E402
 from structlm.targets import parse_target                                 # noqa: E402
-
-
-def load_config(model_name: str):
-    from transformers import AutoConfig
-
-    path = Path(model_name) if model_name.endswith(".json") else HERE / "configs" / f"{model_name}.json"
-    if not path.is_file():
-        raise SystemExit(f"no config for {model_name!r} at {path}")
-    return AutoConfig.for_model(**json.loads(path.read_text()))
 
 
 def targets_for(table, graph, config, db, speedups, rounds, out: Path, execution: str) -> list[dict]:
@@ -64,7 +59,7 @@ def targets_for(table, graph, config, db, speedups, rounds, out: Path, execution
         plan = plan_from_choice(db, graph, choice, align=8)
         seconds = time.perf_counter() - start
         (out / f"plan-{execution}-speedup{x:g}.json").write_text(json.dumps(plan.to_dict(), indent=1) + "\n")
-        predicted = table.dense_ms(graph) / table.predict(graph, plan)["total_ms"]
+        predicted = latency_summary(table, graph, plan)["predicted_speedup"]
         variants[f"speedup={x:g}"] = shrink(copy.deepcopy(dense), plan, graph)
         kept = plan.cost(graph)["params"] / graph.total_params
         rows.append({"target": f"speedup={x:g}", "predicted_speedup": predicted, "params_kept": kept,

@@ -322,16 +322,14 @@ def prune_methods(args, model_name: str, result: dict, results_path: Path) -> No
 def greedy_prefix(graph, method: str, info: dict, key: str, table):
     """The plan a greedy search (finercut, sleb) gives at target ``key``, from the removal order of
     a search to a harsher target, and the seconds that search took to get there."""
-    from structlm.methods._layers import finish_plan, target_reached
+    from run import prefix_plan   # benchmarks/run.py: the same prefix rule for its params targets
+
     from structlm.targets import parse_target
 
-    order = info["removal_order"]
-    removed = [(o["layer"], o["sublayer"]) for o in order]
-    goal = parse_target(key).with_latency(table)
-    k = next(k for k in range(len(removed) + 1) if target_reached(graph, goal, removed[:k], method))
+    plan, k = prefix_plan(graph, method, info["removal_order"], parse_target(key).with_latency(table))
     steps = info.get("steps", [])
     seconds = info.get("search_seconds", 0.0) - sum(st["seconds"] for st in steps) + sum(st["seconds"] for st in steps[:k])
-    return finish_plan(graph, removed[:k], order[:k], goal, method), seconds
+    return plan, seconds
 
 
 def time_methods(args, model_name: str, result: dict, results_path: Path) -> None:

@@ -157,11 +157,16 @@ class GreedyRun:
 
     def plan(self, target: float):
         """(plan, seconds the search took to get there)."""
-        removed = [(o["layer"], o["sublayer"]) for o in self.order]
-        goal = parse_target(f"params={target}")
-        k = next(k for k in range(len(removed) + 1) if target_reached(self.graph, goal, removed[:k], self.method))
-        plan = finish_plan(self.graph, removed[:k], self.order[:k], goal, self.method)
+        plan, k = prefix_plan(self.graph, self.method, self.order, parse_target(f"params={target}"))
         return plan, self.setup_seconds + sum(s["seconds"] for s in self.info["steps"][:k])
+
+
+def prefix_plan(graph, method: str, order: list[dict], goal):
+    """The plan of the shortest prefix of a greedy search's removal ``order`` that meets ``goal``
+    (a Target: what a search to ``goal`` itself gives, since it stops at that step), and its length."""
+    removed = [(o["layer"], o["sublayer"]) for o in order]
+    k = next(k for k in range(len(removed) + 1) if target_reached(graph, goal, removed[:k], method))
+    return finish_plan(graph, removed[:k], order[:k], goal, method), k
 
 
 def prune_row(method: str, dense, tok, calib, target: float, greedy: GreedyRun | None = None) -> tuple[object, dict]:

@@ -4,8 +4,9 @@ A regime names the device, dtype, thread count, the phase (``prefill``: a [batch
 logits of the last position only, as ``generate`` does; ``decode``: one new token per sequence
 with a KV cache already holding ``seq`` tokens) and the execution (``eager``: what
 ``from_pretrained`` + ``generate`` gives; ``cudagraph``, on a GPU: the forward captured once as a
-CUDA graph and replayed, as serving engines run small batches, so the host launches no kernels).  The same call times the probes a table is built from
-and the whole models a table is checked against, so the two measure the same thing.
+CUDA graph and replayed, as serving engines run small batches, so the host launches no kernels).
+The same call times the probes a table is built from and the whole models a table is checked
+against, so the two measure the same thing.
 
 The statistic is robust to a shared machine: every variant is timed in pairs with a reference
 (:func:`time_paired`), so what is compared was measured seconds apart, under the same load.
