@@ -34,6 +34,13 @@ BLOCK_STRUCTLM = textwrap.dedent("""
 """)
 
 
+def same_threads() -> str:
+    """Child-process preamble: this process's CPU thread count. A CPU matmul's reduction order depends on
+    how many threads split it, so 1 and 2 threads differ by up to ~5e-5 on SmolLM2's logits (Intel Xeon,
+    measured); a reload check at 1e-5 must compare like with like."""
+    return f"import torch\ntorch.set_num_threads({torch.get_num_threads()})\n"
+
+
 def uniform_plan(graph) -> PrunePlan:
     layers = {i: LayerPlan(kv_groups=list(range(max(1, graph.n_kv - 1))) if graph.n_kv > 1 else None,
                            ffn_channels=list(range(0, graph.intermediate, 2))) for i in range(graph.n_layers - 1)}
@@ -105,7 +112,7 @@ def test_remote_code_loads_where_structlm_is_not_importable(tmp_path):
         save_pruned(family, lambda g: random_plan(g, __import__("random").Random(7)), out)
         assert (out / export.REMOTE_FILE).exists()
         outs.append(str(out))
-    script = BLOCK_STRUCTLM + textwrap.dedent(f"""
+    script = BLOCK_STRUCTLM + same_threads() + textwrap.dedent(f"""
         import torch
         from transformers import AutoModelForCausalLM
         for out in {outs!r}:
@@ -328,7 +335,7 @@ def test_head_dim_checkpoints_load_with_remote_code_without_structlm(tmp_path):
     for family in ("llama", "qwen3", "phi3", "gpt2"):
         save_pruned(family, head_dim_plan, tmp_path / family)
         outs.append(str(tmp_path / family))
-    script = BLOCK_STRUCTLM + textwrap.dedent(f"""
+    script = BLOCK_STRUCTLM + same_threads() + textwrap.dedent(f"""
         import torch
         from transformers import AutoModelForCausalLM
         for out in {outs!r}:

@@ -18,7 +18,7 @@ from structlm.graph import build_graph
 from structlm.models import count_parameters
 from structlm.pipeline import PeakMemory
 from structlm.plan import LayerPlan, PrunePlan
-from test_export import BLOCK_STRUCTLM
+from test_export import BLOCK_STRUCTLM, same_threads
 
 pytestmark = pytest.mark.real
 
@@ -78,7 +78,7 @@ def test_shrink_save_and_reload_in_a_fresh_process(smollm2, ids, make_plan, kind
     assert (out / "report.json").read_text().count(f'"format": "{kind}"') == 1
     torch.save({"ids": ids, "logits": logits}, tmp_path / "reference.pt")
     remote = kind == "heterogeneous"
-    script = (BLOCK_STRUCTLM if remote else "") + textwrap.dedent(f"""
+    script = (BLOCK_STRUCTLM if remote else "") + same_threads() + textwrap.dedent(f"""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         ref = torch.load({str(tmp_path / 'reference.pt')!r})
@@ -90,7 +90,7 @@ def test_shrink_save_and_reload_in_a_fresh_process(smollm2, ids, make_plan, kind
         gen = model.generate(tok("The capital of France is", return_tensors="pt").input_ids, max_new_tokens=4,
                              do_sample=False)
         print("max abs error", err, type(model).__name__)
-        assert err < 1e-5
+        assert err < 1e-5, err
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
