@@ -55,6 +55,11 @@ def test_parse_layers():
         parse_layers([7], 6)
 
 
+def rows_of(width):
+    from structlm.graph.model import Member
+    return Member("k.weight", 0, 0, width, (2 * width, 1))
+
+
 def test_member_vector_element_wise_and_vector_wise():
     from structlm.graph.model import Member
 
@@ -66,6 +71,14 @@ def test_member_vector_element_wise_and_vector_wise():
     assert member_vector(salience, rows, 2, vectorize=True).tolist() == [0.0, 5.0]  # sum_rows |sum_row w g|
     cols = Member("x.weight", 1, 0, 1, (4, 2))
     assert member_vector(salience.abs(), cols, 2).tolist() == [7.0, 4.0]
+
+    # fold: a member 3x wider than fold_width over 2 units (6 indices) sums index runs of 2 * 1:
+    # per-index scores [6, 5, 4, 3, 2, 1] -> view(3, 2).sum(0) = [12, 9] -> unit i takes index i
+    wide = Member("q.weight", 0, 0, 3, (6, 1))
+    per = torch.tensor([[6.0], [5.0], [4.0], [3.0], [2.0], [1.0]])
+    assert member_vector(per, wide, 2).tolist() == [15.0, 6.0]                  # grouped: rows 0-2, 3-5
+    assert member_vector(per, wide, 2, fold_width=1).tolist() == [12.0, 9.0]    # rows 0,2,4 / 1,3,5
+    assert member_vector(per, rows_of(1), 2, fold_width=1).tolist() == [6.0, 5.0]  # not wider: unchanged
 
 
 def test_aggregations():
@@ -165,6 +178,40 @@ def test_taylor_matches_direct_autograd():
         torch.testing.assert_close(scores[("ffn_channel", 1)], expect.double(), rtol=1e-4, atol=1e-9)
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
 
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_taylor_kv_group_scores_follow_the_official_code(family):
+    """kv_fold="official" is LLM-Pruner's TaylorImportance on a GQA KV group, written out here from
+    its code: per-channel sum |w g| of k/v rows (n_kv * hd), q rows and o columns (n_heads * hd),
+    the longer ones folded with view(n_rep, n_kv * hd).sum(0), then consecutive head_dim channels
+    summed per group (MetaPruner's consecutive_groups).  kv_fold="grouped" sums each group's own
+    query heads."""
+    model = tiny_model(family)
+    graph = build_graph(model)
+    calib = calib_for(model, n=3)
+    model.zero_grad(set_to_none=True)
+    model(calib, labels=calib).loss.backward()
+    named = dict(model.named_parameters())
+    attn = "model.layers.1.self_attn."
+    sal = {k: (named[attn + k + ".weight"].detach() * named[attn + k + ".weight"].grad).abs()
+           for k in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    model.zero_grad(set_to_none=True)
+    hd, n_kv, n_rep = graph.head_dim, graph.n_kv, graph.n_heads // graph.n_kv
+    assert n_rep > 1 and n_kv > 1
+    per_channel = [sal["k_proj"].sum(1), sal["v_proj"].sum(1), sal["q_proj"].sum(1), sal["o_proj"].sum(0)]
+    folded = sum(v.view(-1, n_kv * hd).sum(0) for v in per_channel)       # the official alignment
+    official = folded.view(n_kv, hd).sum(1)
+    grouped = sum(v.view(n_kv, -1).sum(1) for v in per_channel)           # each group's own heads
+    assert not torch.allclose(official, grouped)
+    for fold, expect in (("official", official), ("grouped", grouped)):
+        with _width.model_state_guard(model) as handles:
+            scores, _ = taylor_scores(model, graph, calib, [0, 1], kv_fold=fold, handles=handles)
+        torch.testing.assert_close(scores[("kv_group", 1)], expect.double(), rtol=1e-4, atol=1e-9)
+    plan, info = methods.get("llm_pruner")(model, graph, "params=0.7", calib, layers=[0, 1])
+    assert info["kv_fold"] == "official"
+    with pytest.raises(_width.WidthError, match="kv_fold"):
+        methods.get("llm_pruner")(model, graph, "params=0.7", calib, layers=[0, 1], kv_fold="strided")
 
 def test_taylor_without_checkpointing_gives_the_same_scores():
     model = tiny_model("qwen2")

@@ -216,21 +216,39 @@ def merged_members(group) -> list[list]:
     return out
 
 
-def member_vector(elem: torch.Tensor, member, count: int, vectorize: bool = False) -> torch.Tensor:
+def member_vector(elem: torch.Tensor, member, count: int, vectorize: bool = False,
+                  fold_width: int | None = None) -> torch.Tensor:
     """Sum of ``elem`` over unit i's slice of ``member``, for every unit i -> [count].  With
     ``vectorize``, each index along the member's dim sums its vector first and takes ``|.|``
-    (LLM-Pruner's vector-wise salience), then the unit sums its indices."""
-    sl = elem.narrow(member.dim, member.offset, count * member.width).movedim(member.dim, 0)
-    sl = sl.reshape(count, member.width, -1).sum(-1)
+    (LLM-Pruner's vector-wise salience), then the unit sums its indices.
+
+    ``fold_width``: score a member wider than ``fold_width`` per unit as LLM-Pruner's
+    ``TaylorImportance`` does when a group's members differ in length: its L = count * width
+    per-index scores are cut into consecutive runs of M = count * fold_width and the runs summed
+    (``view(L // M, M).sum(0)``), then unit i takes indices ``i * fold_width ...`` of the sum.
+    For a GQA KV group (k/v rows: fold_width = head_dim; q rows and o columns: width =
+    n_rep * head_dim) this scores KV group g with query heads g, g + n_kv, g + 2 n_kv, ...
+    instead of the heads that attend with it (g * n_rep ... g * n_rep + n_rep - 1)."""
+    per_index = elem.narrow(member.dim, member.offset, count * member.width).movedim(member.dim, 0)
+    per_index = per_index.reshape(count * member.width, -1).sum(-1)
     if vectorize:
-        sl = sl.abs()
-    return sl.sum(-1)
+        per_index = per_index.abs()
+    width = member.width
+    if fold_width and width > fold_width:
+        if width % fold_width:
+            raise WidthError(f"cannot fold {member.param} (width {width}) onto width {fold_width}")
+        per_index = per_index.view(width // fold_width, count * fold_width).sum(0)
+        width = fold_width
+    return per_index.view(count, width).sum(-1)
 
 
-def member_matrix(group, elem_fn, vectorize: bool = False, params: set | None = None) -> torch.Tensor:
+def member_matrix(group, elem_fn, vectorize: bool = False, params: set | None = None,
+                  fold: bool = False) -> torch.Tensor:
     """[members, count]: each (bias-merged) member's summed element score per unit.  ``elem_fn(name)``
     returns the element score tensor of a parameter, or None to skip it (members whose parameters
-    are all skipped are left out); ``params`` restricts to those parameter names."""
+    are all skipped are left out); ``params`` restricts to those parameter names.  ``fold``: fold
+    wider members onto the narrowest one's width (LLM-Pruner's alignment; see :func:`member_vector`)."""
+    fold_width = min(m.width for m in group.members) if fold else None
     rows = []
     for ms in merged_members(group):
         acc = None
@@ -240,7 +258,7 @@ def member_matrix(group, elem_fn, vectorize: bool = False, params: set | None = 
             e = elem_fn(m.param)
             if e is None:
                 continue
-            v = member_vector(e, m, group.count, vectorize).double()
+            v = member_vector(e, m, group.count, vectorize, fold_width).double()
             acc = v if acc is None else acc + v
         if acc is not None:
             rows.append(acc)

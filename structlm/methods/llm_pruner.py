@@ -32,8 +32,19 @@ the smallest that meets the params target.  ``allocation="uniform"`` (KV groups 
 by default, FFN refilled to the target; with ``attn_rounding="round"`` structlm's earlier default) and the
 others remain options.
 
-Options: ``taylor`` ("param_first"), ``aggregate`` ("sum"), ``max_samples`` (10), ``loss_chunk``
-(32), ``checkpoint`` (True) and the allocation options of :func:`structlm.methods._width.allocate`.
+KV-group scores under GQA (``kv_fold``): a KV group's members are its k/v rows (head_dim each)
+and the q rows / o columns of its n_rep query heads (n_rep x head_dim).  The official
+``TaylorImportance`` sums each member's per-channel salience and, where members differ in length,
+folds the longer ones with ``view(n_rep, n_kv * head_dim).sum(0)``: KV group g is scored with the
+q/o salience of query heads g, g + n_kv, g + 2 n_kv, ... (not the heads that attend with it;
+the heads removed with it are the right ones).  ``kv_fold="official"`` (default) does the same,
+so the KV groups chosen are the official code's; ``kv_fold="grouped"`` sums the heads that
+attend with the group.  On SmolLM2-135M at 70% kept the official fold is the better of the two
+(docs/width-methods.md, issue #18).  Without GQA (n_rep = 1) both are the same.
+
+Options: ``taylor`` ("param_first"), ``aggregate`` ("sum"), ``kv_fold`` ("official"),
+``max_samples`` (10), ``loss_chunk`` (32), ``checkpoint`` (True) and the allocation options of
+:func:`structlm.methods._width.allocate`.
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ from ._width import (WidthError, aggregate as aggregate_fn, allocate, attention_
                      model_state_guard, reject_unknown, score_summary, width_options)
 
 TAYLOR = ("param_first", "param_second", "param_mix", "vectorize")
+KV_FOLDS = ("official", "grouped")
 
 
 def default_layers(graph) -> str:
@@ -106,12 +118,17 @@ def checkpoint_layers(model, first: int, handles: list) -> None:
 
 def taylor_scores(model, graph, calib: torch.Tensor, layers: list[int], *, taylor: str = "param_first",
                   gqa: str = "kv_groups", aggregate: str = "sum", hidden: bool = False, loss_chunk: int = 32,
-                  checkpoint: bool = True, handles: list | None = None, kinds=None) -> tuple[dict, dict]:
+                  checkpoint: bool = True, handles: list | None = None, kinds=None,
+                  kv_fold: str = "grouped") -> tuple[dict, dict]:
     """Unit scores from gradients of the LM loss on ``calib`` [S, L] (one sample at a time).
     Call inside :func:`model_state_guard` (it changes requires_grad and grads).  ``kinds``: the
-    attention/FFN unit kinds to score (default: the ``gqa`` mode's attention kind and "ffn_channel")."""
+    attention/FFN unit kinds to score (default: the ``gqa`` mode's attention kind and "ffn_channel").
+    ``kv_fold``: which query heads' q rows / o columns a KV group's score sums: ``grouped`` (the
+    heads that attend with it) or ``official`` (LLM-Pruner's code; see :func:`_width.member_vector`)."""
     if taylor not in TAYLOR:
         raise WidthError(f"llm_pruner: unknown taylor {taylor!r}; choose from {', '.join(TAYLOR)}")
+    if kv_fold not in KV_FOLDS:
+        raise WidthError(f"llm_pruner: unknown kv_fold {kv_fold!r}; choose from {', '.join(KV_FOLDS)}")
     kind = attention_kind(graph, gqa)
     kinds = tuple(kinds) if kinds else (kind, "ffn_channel")
     groups = [graph.group(k, i) for i in layers for k in kinds]
@@ -184,7 +201,8 @@ def taylor_scores(model, graph, calib: torch.Tensor, layers: list[int], *, taylo
 
     scores = {}
     for g in groups:
-        v = aggregate_fn(member_matrix(g, elem, vectorize=taylor == "vectorize"), aggregate)
+        fold = kv_fold == "official" and g.kind == "kv_group"
+        v = aggregate_fn(member_matrix(g, elem, vectorize=taylor == "vectorize", fold=fold), aggregate)
         scores[(g.kind, g.layer)] = v
     for name in scored:  # free the gradients as soon as the scores are out
         params[name].grad = None
@@ -203,6 +221,7 @@ def llm_pruner(model, graph, target, calib, **options):
     loss_chunk = int(options.pop("loss_chunk", 32))
     checkpoint = bool(options.pop("checkpoint", True))
     global_score = options.pop("global_score", "density")
+    kv_fold = options.pop("kv_fold", "official")
     reject_unknown("llm_pruner", options)
     check_reach(graph, target, gqa, layers, alloc, prune_hidden)
     if calib is None or calib.ndim != 2 or calib.shape[1] < 2:
@@ -212,11 +231,11 @@ def llm_pruner(model, graph, target, calib, **options):
         model.eval()
         scores, loss_info = taylor_scores(model, graph, calib, layers, taylor=taylor, gqa=gqa, aggregate=how,
                                           hidden=prune_hidden, loss_chunk=loss_chunk, checkpoint=checkpoint,
-                                          handles=handles)
+                                          handles=handles, kv_fold=kv_fold)
     hidden_scores = scores.pop(("hidden_channel", None), None)
     plan, info = allocate(graph, scores, target, layers=layers, hidden_scores=hidden_scores,
                           global_score=global_score, **alloc)
-    info.update(method="llm_pruner", taylor=taylor, aggregate=how, gqa=gqa, layers=layers, prune_hidden=prune_hidden,
+    info.update(method="llm_pruner", taylor=taylor, aggregate=how, kv_fold=kv_fold, gqa=gqa, layers=layers, prune_hidden=prune_hidden,
                 calibration=list(calib.shape), calibration_loss=round(loss_info["loss"], 5),
                 scores=score_summary(scores))
     return plan, info
