@@ -74,8 +74,10 @@ def test_width_criteria_are_the_methods_scores(studied):
     for source in ("a", "b"):
         crit, c = result["sources"][source]["criteria"], calib[source]
         # each method's own report of its KV-group scores (all layers: the tiny model has < 8)
-        for name, method in (("wanda", "wanda_sp"), ("flap", "flap"), ("taylor", "llm_pruner")):
-            _, info = methods.get(method)(model, graph, "params=0.9", c)
+        # (the study's taylor sums each KV group's own query heads: llm_pruner's kv_fold=grouped)
+        for name, method, opts in (("wanda", "wanda_sp", {}), ("flap", "flap", {}),
+                                   ("taylor", "llm_pruner", {"kv_fold": "grouped"})):
+            _, info = methods.get(method)(model, graph, "params=0.9", c, **opts)
             for i in range(graph.n_layers):
                 close(crit[name]["kv_group"][i], info["scores"][f"kv_group/{i}"], 1e-4)
         # and the scorers themselves for every kind

@@ -161,8 +161,10 @@ def score_taylor(model, graph, calib, opts) -> dict:
     samples = calib[:opts["taylor_samples"]] if opts["taylor_samples"] else calib
     with model_state_guard(model) as handles:
         model.eval()
+        # a study attributes a KV group's score to the query heads that attend with it (grouped),
+        # not LLM-Pruner's strided fold (llm_pruner's default, chosen to match the official code)
         scores, loss = taylor_scores(model, graph, samples, list(range(graph.n_layers)), kinds=WIDTH_KINDS,
-                                     handles=handles)
+                                     handles=handles, kv_fold="grouped")
     out = _width_result(graph, scores)
     out.update(samples=int(samples.shape[0]), calibration_loss=sig(loss["loss"]))
     return out
