@@ -271,7 +271,7 @@ def prune_methods(args, model_name: str, result: dict, results_path: Path) -> No
                 search = None          # the harshest target is out of reach: each target searches alone
         for t in targets:
             key = f"params={t:g}" if name == "tp" else f"speedup={t:g}"
-            start = time.perf_counter()
+            start, search_info = time.perf_counter(), None
             try:
                 if search is not None:
                     plan, seconds_to_here = greedy_prefix(graph, name, search, key, table)
@@ -295,6 +295,9 @@ def prune_methods(args, model_name: str, result: dict, results_path: Path) -> No
                     shrink(model, plan, graph)
                     predicted = info["latency"]["predicted_speedup"]
                     layers = [f"{e['attention'] or '-'}/{e['ffn'] or '-'}" for e in info["latency"]["layers"]]
+                    if info.get("search", {}).get("method") == "evo":   # what the refinement found, in the row
+                        search_info = {k: info["search"][k] for k in ("generations", "evaluations", "seconds",
+                                                                     "fitness_dp", "fitness_best", "stopped")}
             except ValueError as e:          # a target the method cannot reach: recorded as such
                 rows.append({"model": model_name, "method": spec, "target": key, "refused": str(e).splitlines()[0]})
                 print(json.dumps(rows[-1]), flush=True)
@@ -303,7 +306,8 @@ def prune_methods(args, model_name: str, result: dict, results_path: Path) -> No
             ppl = evaluate.perplexity(model, tok, seq_len=2048, max_tokens=args.eval_tokens, progress=False)["ppl"]
             row = {"model": model_name, "method": spec, "target": key, "predicted_speedup": predicted,
                    "ppl": ppl, "dense_ppl": dense_ppl, "params_kept": models.count_parameters(model) /
-                   models.count_parameters(dense), "prune_seconds": round(seconds, 1), "layers": layers}
+                   models.count_parameters(dense), "prune_seconds": round(seconds, 1), "layers": layers,
+                   **({"search": search_info} if search_info else {})}
             if args.limit and ppl < 1000:
                 zs = zeroshot.evaluate_zero_shot(model, tok, TASKS, limit=args.limit, progress=False)
                 row["zero_shot_avg"] = zs["average"]["average_acc"]
@@ -363,7 +367,8 @@ def methods_markdown(result: dict, args) -> str:
     md = ["# Methods at latency targets (CPU prefill 1x128)", "",
           f"Pruning and quality: `{result['command']}`", "",
           f"Timing: `{result.get('timing_command', '(not run yet)')}`", "",
-          f"Environment: {json.dumps(result['environment'])}", "",
+          "Environment: " + "; ".join(f"{k.removeprefix('environment').strip('_') or 'first run'}: {json.dumps(v)}"
+                                      for k, v in result.items() if k.startswith("environment")), "",
           "Every method prunes to each speedup target priced by this machine's latency table (prefill 1x128, fp32, "
           "eager); Torch-Pruning runs at params targets (it has no latency target) and its measured speedup places "
           "it on the same axis. Measured speedup: each checkpoint timed beside the dense model in one paired "
