@@ -197,8 +197,13 @@ def suite_methods(args) -> None:
     RESULTS_DIR[0].mkdir(parents=True, exist_ok=True)
     results_path = RESULTS_DIR[0] / "latency_methods.json"
     old = json.loads(results_path.read_text()) if results_path.exists() and not args.fresh else {"rows": []}
-    result = {"command": old.get("command", args.command), "environment": environment(args.threads),
+    # rows accumulate over runs, so does the record of where they ran: the first run's environment stays
+    # "environment", a later run on another machine adds "environment_<date>" (methods_markdown lists them all)
+    here = environment(args.threads)
+    result = {**old, "command": old.get("command", args.command), "environment": old.get("environment", here),
               "rows": old["rows"], "timing": old.get("timing", {})}
+    if here not in [v for k, v in result.items() if k.startswith("environment")]:
+        result[f"environment_{time.strftime('%Y_%m_%d')}"] = here
     if args.phase in ("prune", "all"):
         result["command"] = args.command
         for model_name in args.models:
